@@ -10,16 +10,12 @@ Public API: :func:`build_dataset`, :func:`dataset_info`, :func:`build_loader`, :
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
-from ddsm.config import ConfigError, DataConfig
-from ddsm.data.transforms import IGNORE_INDEX, EvalTransform, TrainTransform
+from ddsm.config import DataConfig
+from ddsm.data.transforms import EvalTransform, TrainTransform
 
 __all__ = [
     "DATASETS",
@@ -36,129 +32,9 @@ __all__ = [
 DATASETS = ("synthetic", "camvid", "cityscapes")
 SPLITS = ("train", "val")
 
+from ddsm.data import camvid, cityscapes, synthetic
+from ddsm.data.base import DatasetError, DatasetInfo, PairedImageDataset, SegmentationDataset
 
-class DatasetError(ConfigError):
-    """A dataset path, file or label value is wrong; the message names it and what is expected."""
-
-
-@dataclass
-class DatasetInfo:
-    """What a model and the metrics need to know about a dataset."""
-
-    num_classes: int
-    class_names: list[str] = field(default_factory=list)
-    ignore_index: int = IGNORE_INDEX
-
-
-# ----------------------------------------------------------------------------- dataset base classes
-
-
-class SegmentationDataset(Dataset):
-    """Base: ``load(index)`` gives a raw uint8 pair, ``__getitem__`` applies the transform.
-
-    An item key is an index, or ``(index, seed)`` as produced by :func:`build_loader`: the seed drives
-    this item's augmentation through its own ``torch.Generator`` (plain indices use the global RNG).
-    """
-
-    def __init__(self, *, transform: TrainTransform | EvalTransform) -> None:
-        """Args:
-        transform: called as ``transform(image, label, generator)``.
-        """
-        self.transform = transform
-
-    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw pair: image uint8 (3, H, W), label uint8 (H, W) in train ids with 255 = ignore."""
-        raise NotImplementedError
-
-    def image_size(self, index: int) -> tuple[int, int]:
-        """(H, W) of item ``index`` without decoding it where possible."""
-        return tuple(self.load(index)[1].shape)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image float32 (3, H, W), label int64 (H, W)) for an index or an (index, seed) pair."""
-        index, seed = (key if isinstance(key, tuple) else (key, None))
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} items")
-        image, label = self.load(index)
-        generator = None if seed is None else torch.Generator().manual_seed(seed)
-        return self.transform(image, label, generator)
-
-
-class PairedImageDataset(SegmentationDataset):
-    """Image/label PNG pairs on disk; raw label values are mapped to train ids through a lookup table."""
-
-    def __init__(
-        self,
-        *,
-        pairs: list[tuple[Path, Path]],
-        lut: np.ndarray,
-        allowed: str,
-        transform: TrainTransform | EvalTransform,
-    ) -> None:
-        """Args:
-        pairs: (image path, label path) per item; existence is checked by the subclass.
-        lut: int16 (256,) raw label value -> train id (255 = ignore, -1 = not a valid label value).
-        allowed: how the valid raw values read in an error message, e.g. "0..11".
-        transform: see :class:`SegmentationDataset`.
-        """
-        super().__init__(transform=transform)
-        self.pairs = pairs
-        self.lut = lut
-        self.allowed = allowed
-
-    def __len__(self) -> int:
-        """Number of pairs."""
-        return len(self.pairs)
-
-    def image_size(self, index: int) -> tuple[int, int]:
-        """(H, W) read from the PNG header only."""
-        path = self.pairs[index][0]
-        try:
-            with Image.open(path) as im:
-                return im.height, im.width
-        except (OSError, ValueError) as e:
-            raise DatasetError(f"cannot read image file {str(path)!r}: {e}") from None
-
-    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode, check and map one pair: uint8 (3, H, W) and uint8 (H, W) train ids."""
-        image_path, label_path = self.pairs[index]
-        image = _read_png(image_path, kind="image", mode="RGB")  # (H, W, 3)
-        raw = _read_png(label_path, kind="label", mode=None)  # (H, W)
-        if raw.ndim != 2:
-            raise DatasetError(f"label file {str(label_path)!r} has {raw.shape[-1]} channels: expected a "
-                               f"single-channel PNG of label ids ({self.allowed})")
-        if raw.shape != image.shape[:2]:
-            raise DatasetError(f"label file {str(label_path)!r} is {raw.shape[1]}x{raw.shape[0]} but its image "
-                               f"{str(image_path)!r} is {image.shape[1]}x{image.shape[0]}: expected equal sizes")
-        label = _map_labels(raw, self.lut, path=label_path, allowed=self.allowed)
-        return torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(label)  # (3, H, W), (H, W)
-
-
-def _read_png(path: Path, *, kind: str, mode: str | None) -> np.ndarray:
-    """Decode an image file (converted to ``mode`` when given) or raise DatasetError naming it."""
-    try:
-        with Image.open(path) as im:
-            return np.array(im.convert(mode) if mode else im)
-    except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
-        raise DatasetError(f"cannot read {kind} file {str(path)!r}: {e}") from None
-
-
-def _map_labels(raw: np.ndarray, lut: np.ndarray, *, path: Path, allowed: str) -> np.ndarray:
-    """raw label values -> uint8 train ids; values the table marks -1 raise DatasetError naming them."""
-    raw = raw.astype(np.int64, copy=False)
-    in_table = (raw >= 0) & (raw < len(lut))
-    mapped = lut[np.where(in_table, raw, 0)]
-    bad = ~in_table | (mapped < 0)
-    if bad.any():
-        values = np.unique(raw[bad])
-        shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
-        raise DatasetError(f"label file {str(path)!r} has values {shown} outside the dataset's label ids "
-                           f"({allowed}) in {int(bad.sum())} pixels")
-    return mapped.astype(np.uint8)
-
-
-# The dataset modules use DatasetError and the base classes above, so they are imported after them.
-from ddsm.data import camvid, cityscapes, synthetic  # noqa: E402
 
 # ----------------------------------------------------------------------------- public builders
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ddsm.data import DatasetError, PairedImageDataset
+from ddsm.data.base import DatasetError, PairedImageDataset
 from ddsm.data.transforms import IGNORE_INDEX, EvalTransform, TrainTransform
 
 __all__ = ["CLASS_NAMES", "LAYOUT", "VOID", "CamVidDataset", "default_root", "label_table", "resolve_root"]

@@ -30,7 +30,7 @@ import colorsys
 import numpy as np
 import torch
 
-from ddsm.data import DatasetError, SegmentationDataset
+from ddsm.data.base import DatasetError, SegmentationDataset
 from ddsm.data.transforms import IGNORE_INDEX, EvalTransform, TrainTransform
 
 __all__ = ["NAMED_CLASSES", "SyntheticDataset", "class_names", "generate"]
