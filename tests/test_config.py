@@ -5,6 +5,7 @@ from ddsm.config import ConfigError, TrialConfig, from_dict, load_config, save_c
 
 
 def test_round_trip(tmp_path):
+    assert load_config(None, ["train.lr=1e6"]).train.lr == 1e6  # YAML 1.1 reads 1e6 as a string
     cfg = load_config(None, ["model.num_points=25", "data.crop_size=[64, 96]", "train.lr=0.02", "model.weights=null"])
     assert cfg.model.num_points == 25 and cfg.data.crop_size == (64, 96) and cfg.train.lr == 0.02
     save_config(cfg, tmp_path / "c.yaml")
