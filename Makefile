@@ -24,3 +24,8 @@ test: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The quickstart grid: 5 variants x 2 seeds on tiny synthetic data, CPU only; prints the comparison table.
+# Re-running resumes (finished cells are skipped); results in runs/quickstart (MLflow: runs/quickstart/mlflow.db).
+demo: install
+	$(BIN)/ddsm-bench run ablations/quickstart.yaml --out runs/quickstart

@@ -1,0 +1,76 @@
+"""Pixel-wise cross-entropy with an ignore label and optional online hard example mining (OHEM).
+
+OHEM follows the SFSegNets recipe that DDSM builds on (``paper/notes.md`` section 2): keep the
+pixels whose predicted probability of the true class is at most ``thresh`` (0.7), but never fewer
+than ``min_kept`` (10 000) -- if fewer are that hard, the threshold rises to the ``min_kept``-th
+smallest probability. Mining is over the whole (per-process) batch, not per image, as there.
+Written by hand because neither torch nor torchvision ships an OHEM segmentation loss.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ohem_keep_mask", "segmentation_loss", "total_loss"]
+
+
+def ohem_keep_mask(logits: torch.Tensor, target: torch.Tensor, *, thresh: float, min_kept: int,
+                   ignore_index: int = 255) -> torch.Tensor:
+    """Boolean (B, H, W) mask of the pixels OHEM keeps (always a subset of the non-ignored ones).
+
+    Args:
+        logits: (B, K, H, W) class scores.
+        target: (B, H, W) labels in ``[0, K)`` or ``ignore_index``.
+        thresh: keep pixels whose true-class probability is ``<= thresh``.
+        min_kept: keep at least this many pixels (all valid ones if there are fewer).
+        ignore_index: label excluded from the loss.
+    """
+    valid = target != ignore_index  # (B, H, W)
+    num_valid = int(valid.sum())
+    if num_valid == 0:
+        return valid
+    with torch.no_grad():
+        prob = logits.detach().float().softmax(dim=1)  # (B, K, H, W)
+        safe_target = target.masked_fill(~valid, 0).long()  # (B, H, W)
+        p_true = prob.gather(1, safe_target.unsqueeze(1)).squeeze(1)  # (B, H, W)
+        threshold = torch.tensor(thresh, dtype=p_true.dtype, device=p_true.device)
+        k = min(max(min_kept, 0), num_valid)
+        if k > 0:
+            kth = p_true[valid].kthvalue(k).values  # k-th smallest true-class probability
+            threshold = torch.maximum(threshold, kth)
+        return valid & (p_true <= threshold)
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = 255,
+                      ohem: bool = False, ohem_thresh: float = 0.7, ohem_min_kept: int = 10000) -> torch.Tensor:
+    """Mean cross-entropy over the kept pixels; 0 (with a graph) when no pixel is kept.
+
+    Args:
+        logits: (B, K, H, W) class scores at label resolution.
+        target: (B, H, W) integer labels; ``ignore_index`` pixels never count.
+        ohem: mine hard pixels with :func:`ohem_keep_mask` before averaging.
+    """
+    target = target.long()
+    if ohem:
+        keep = ohem_keep_mask(logits, target, thresh=ohem_thresh, min_kept=ohem_min_kept, ignore_index=ignore_index)
+        target = target.masked_fill(~keep, ignore_index)
+    if not bool((target != ignore_index).any()):
+        return logits.sum() * 0.0  # an all-ignore crop is not a divergence
+    return F.cross_entropy(logits.float(), target, ignore_index=ignore_index)
+
+
+def total_loss(outputs: dict[str, torch.Tensor], target: torch.Tensor, *, aux_weight: float, ignore_index: int = 255,
+               ohem: bool = False, ohem_thresh: float = 0.7, ohem_min_kept: int = 10000) -> dict[str, torch.Tensor]:
+    """``{"loss": main + aux_weight * aux, "loss_main": ..., "loss_aux": ...}`` from a model's output dict.
+
+    The auxiliary head (present only when the model has one and is training) uses the same criterion,
+    as in SFSegNets' deep supervision.
+    """
+    kwargs = dict(ignore_index=ignore_index, ohem=ohem, ohem_thresh=ohem_thresh, ohem_min_kept=ohem_min_kept)
+    main = segmentation_loss(outputs["out"], target, **kwargs)
+    losses = {"loss": main, "loss_main": main}
+    if outputs.get("aux") is not None:
+        aux = segmentation_loss(outputs["aux"], target, **kwargs)
+        losses["loss_aux"] = aux
+        losses["loss"] = main + aux_weight * aux
+    return losses

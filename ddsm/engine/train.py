@@ -1,0 +1,325 @@
+"""One trial end to end: build, train (SGD + poly, CE/OHEM, optional AMP), validate, checkpoint, report.
+
+Choices: SGD with momentum and weight decay on every parameter (BN and biases included, as the
+torchvision segmentation reference does; the notes do not say what DDSM did); one update per step;
+the loss is checked for NaN/inf on every step (one host sync) so a divergence is caught at the
+exact iteration, before it reaches the weights.
+
+:func:`train` is the composition root. It reads every section of the :class:`~ddsm.config.TrialConfig`:
+``model`` (via :func:`ddsm.models.build_model_from_config`), ``data`` (dataset, batch_size, workers),
+``train`` (steps, lr, momentum, weight_decay, warmup_steps, poly_power, ohem*, aux_weight, amp,
+channels_last, grad_clip, seed, val_every, ckpt_every, device, log_every) and ``eval`` (through
+:func:`ddsm.engine.evaluate`). Everything else (logging, trackers, Ray reporting) is a
+:class:`~ddsm.engine.callbacks.Callback`.
+
+Outputs under ``out_dir``: ``config.yaml``, ``checkpoints/{last,step_<N>}.pt``, and at the end
+``metrics.json``, ``per_class_iou.csv`` and ``confusion.csv`` (``failure.json`` when the run fails).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from ddsm.config import ConfigError, TrialConfig, save_config, to_dict
+from ddsm.engine.callbacks import Callback, CallbackList
+from ddsm.engine.checkpoint import capture_rng, last_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from ddsm.engine.evaluate import distributed_context, evaluate, to_jsonable
+from ddsm.engine.failures import TrainingDiverged, classify_failure, sigterm_as_exception
+from ddsm.engine.loss import total_loss
+from ddsm.engine.sampler import StepSampler
+from ddsm.engine.schedule import build_scheduler
+
+__all__ = ["train", "resolve_device", "amp_dtype", "seed_everything", "build_training_model", "write_results"]
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA if available else CPU; ``cuda`` picks the device of ``LOCAL_RANK`` (default 0)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device='cuda' is not allowed: CUDA is not available here; expected auto or cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device(name)
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``train.amp`` on ``device``; None (float32) on CPU, where AMP is ignored."""
+    return AMP_DTYPES[amp] if device.type == "cuda" else None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and ``random``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+@contextmanager
+def _deterministic(enabled: bool) -> Iterator[None]:
+    """Turn on ``torch.use_deterministic_algorithms`` (warn-only) for the block, then restore the setting."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
+
+
+def build_training_model(cfg: TrialConfig, *, num_classes: int, device: torch.device) -> nn.Module:
+    """The model on ``device`` (channels_last if asked); BN -> SyncBatchNorm when distributed on CUDA.
+
+    SyncBatchNorm needs a GPU, so a CPU (gloo) process group keeps per-process BatchNorm.
+    """
+    from ddsm.models import build_model_from_config
+
+    model = build_model_from_config(cfg.model, num_classes=num_classes)
+    if distributed_context()[1] > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _train_loader(cfg: TrialConfig, *, start_step: int, rank: int, world_size: int) -> DataLoader:
+    """Infinite training loader whose batch ``i`` is a pure function of (train.seed, start_step + i)."""
+    from ddsm.data import build_dataset
+
+    dataset = build_dataset(cfg.data, split="train", train=True)
+    sampler = StepSampler(len(dataset), batch_size=cfg.data.batch_size, seed=cfg.train.seed, start_step=start_step,
+                          rank=rank, world_size=world_size)
+    return DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, num_workers=cfg.data.workers,
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(cfg.train.seed))
+
+
+def _mean_over_ranks(value: torch.Tensor, world_size: int) -> float:
+    """The scalar averaged over ranks (so every rank sees the same loss, and stops together on NaN)."""
+    if world_size > 1:
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= world_size
+    return float(value)
+
+
+class _Window:
+    """Running means of the train metrics between two ``on_train_step`` calls."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.n = 0
+
+    def add(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.n += 1
+
+    def flush(self) -> dict[str, float]:
+        out = {k: v / max(self.n, 1) for k, v in self.sums.items()}
+        self.sums, self.n = {}, 0
+        return out
+
+
+def train(cfg: TrialConfig, *, out_dir: str | Path, callbacks: Sequence[Callback] = (), resume: bool = True) -> dict:
+    """Train and evaluate one trial; return the final metrics (also written to ``out_dir/metrics.json``).
+
+    Resumes from ``out_dir/checkpoints/last.pt`` when ``resume`` and it exists; the continued run is
+    identical to an uninterrupted one on CPU. When a ``torch.distributed`` process group is already
+    initialised, the model is wrapped in DDP, the data is sharded per rank and only rank 0 writes.
+
+    Raises:
+        TrainingDiverged: the loss became non-finite (classified ``nan``).
+        ConfigError: the config cannot be run (e.g. CUDA asked for but absent, or the checkpoint in
+            ``out_dir`` belongs to another model).
+    """
+    cfg.validate()
+    out_dir = Path(out_dir).resolve()
+    rank, world_size = distributed_context()
+    device = resolve_device(cfg.train.device)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+        (out_dir / "failure.json").unlink(missing_ok=True)
+    cbs = CallbackList(callbacks, rank=rank)
+    state = {"step": 0}
+    try:
+        with _deterministic(device.type == "cpu"), sigterm_as_exception():
+            return _run(cfg, out_dir=out_dir, cbs=cbs, resume=resume, device=device, rank=rank,
+                        world_size=world_size, state=state)
+    except BaseException as e:
+        if rank == 0:
+            failure = {"failure_class": classify_failure(e), "message": str(e), "step": state["step"]}
+            (out_dir / "failure.json").write_text(json.dumps(failure, indent=2))
+        raise
+
+
+def _run(cfg: TrialConfig, *, out_dir: Path, cbs: CallbackList, resume: bool, device: torch.device, rank: int,
+         world_size: int, state: dict) -> dict:
+    """The body of :func:`train` (``state["step"]`` tracks progress for the failure record)."""
+    from ddsm.data import dataset_info
+
+    t = cfg.train
+    ckpt_dir = out_dir / "checkpoints"
+    info = dataset_info(cfg.data.name, cfg.data)
+    seed_everything(t.seed)
+    model = build_training_model(cfg, num_classes=info.num_classes, device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    scheduler = build_scheduler(optimizer, total_steps=t.steps, warmup_steps=t.warmup_steps, power=t.poly_power)
+    dtype = amp_dtype(t.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    ckpt_path = last_checkpoint(out_dir) if resume else None
+    if ckpt_path is not None:
+        step = _restore(ckpt_path, cfg, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                        device=device)
+    else:
+        step = 0
+        if rank == 0:
+            for stale in ckpt_dir.glob("step_*.pt"):
+                stale.unlink()
+    state["step"] = step
+
+    saved_step = step if ckpt_path is not None else -1
+
+    def checkpoint() -> None:
+        nonlocal saved_step
+        path = ckpt_dir / "last.pt"
+        saved_step = step
+        if rank == 0:
+            net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+            path = save_checkpoint(ckpt_dir, {
+                "step": step, "config": to_dict(cfg), "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": capture_rng()})
+        if world_size > 1:
+            dist.barrier()
+        cbs.on_checkpoint(step, path)
+
+    if ckpt_path is None:
+        checkpoint()  # step 0: there is always a last good checkpoint, even if the first update diverges
+    if world_size > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    batches = iter(_train_loader(cfg, start_step=step, rank=rank, world_size=world_size))
+    window = _Window()
+    loss_kwargs = dict(aux_weight=t.aux_weight, ignore_index=info.ignore_index, ohem=t.ohem,
+                       ohem_thresh=t.ohem_thresh, ohem_min_kept=t.ohem_min_kept)
+    model.train()
+    start_time = time.perf_counter()
+    while step < t.steps:
+        tic = time.perf_counter()
+        images, labels = next(batches)  # (B, 3, H, W), (B, H, W)
+        lr = optimizer.param_groups[0]["lr"]  # the LR this update uses
+        losses = _update(model, images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
+                         optimizer=optimizer, scaler=scaler, params=params, dtype=dtype, cfg=cfg,
+                         loss_kwargs=loss_kwargs, world_size=world_size, iteration=step + 1)
+        scheduler.step()
+        step += 1
+        state["step"] = step
+        window.add({**losses, "step_time_ms": 1000 * (time.perf_counter() - tic)})
+        if (t.log_every > 0 and step % t.log_every == 0) or step == t.steps:
+            cbs.on_train_step(step, {**window.flush(), "lr": lr})
+        if t.ckpt_every > 0 and step % t.ckpt_every == 0 and step < t.steps:
+            checkpoint()
+        if t.val_every > 0 and step % t.val_every == 0 and step < t.steps:
+            cbs.on_eval(step, evaluate(model, cfg, device=device))
+    train_time = time.perf_counter() - start_time
+    if step != saved_step:
+        checkpoint()
+    metrics = evaluate(model, cfg, device=device)
+    cbs.on_eval(step, metrics)
+    metrics.update(step=step, device=str(device), amp_dtype=str(dtype or torch.float32).removeprefix("torch."),
+                   world_size=world_size, train_time_s=train_time)
+    if rank == 0:
+        net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        metrics.update(_trial_cost(net, cfg, device=device))
+        write_results(metrics, out_dir)
+    metrics.pop("confusion", None)
+    cbs.on_end(metrics)
+    return metrics
+
+
+def _update(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler, params: list[nn.Parameter], dtype: torch.dtype | None, cfg: TrialConfig,
+            loss_kwargs: dict[str, Any], world_size: int, iteration: int) -> dict[str, float]:
+    """One optimiser update: forward under autocast, float32 loss, NaN check, scaled backward, clip, step.
+
+    Raises :class:`TrainingDiverged` before touching the weights when the (rank-averaged) loss is not
+    finite. Returns the loss values (``loss``, ``loss_main``, ``loss_aux`` when there is an aux head).
+    """
+    if cfg.train.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)  # (B, 3, H, W) stored NHWC
+    with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        outputs = model(images)
+    losses = total_loss(outputs, labels, **loss_kwargs)  # float32, outside autocast
+    loss_value = _mean_over_ranks(losses["loss"].detach(), world_size)
+    if not math.isfinite(loss_value):
+        raise TrainingDiverged(iteration=iteration, loss=loss_value)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(losses["loss"]).backward()
+    if cfg.train.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return {"loss": loss_value, **{k: float(v.detach()) for k, v in losses.items() if k != "loss"}}
+
+
+def _restore(path: Path, cfg: TrialConfig, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: Any, scaler: torch.amp.GradScaler, device: torch.device) -> int:
+    """Load a checkpoint into the (unwrapped) model and the optimiser state; return its step."""
+    ckpt = load_checkpoint(path, map_location=device)
+    saved, current = ckpt["config"].get("model", {}), to_dict(cfg.model)
+    changed = [k for k in current if saved.get(k) != current[k]]
+    if changed:
+        k = changed[0]
+        raise ConfigError(f"cannot resume from {path}: model.{k} is {saved.get(k)!r} there but {current[k]!r} now; "
+                          "expected the same model config (use another output directory or resume=False)")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    restore_rng(ckpt["rng"])
+    return int(ckpt["step"])
+
+
+def _trial_cost(model: nn.Module, cfg: TrialConfig, *, device: torch.device) -> dict[str, Any]:
+    """:func:`ddsm.profile.trial_cost`, or ``{"cost_error": ...}`` if it is missing or fails (never fatal)."""
+    try:
+        from ddsm.profile import trial_cost
+
+        return dict(trial_cost(model, cfg, device=device))
+    except Exception as e:  # profiling must not kill a finished trial
+        return {"cost_error": f"{type(e).__name__}: {e}"}
+
+
+def write_results(metrics: dict[str, Any], out_dir: str | Path) -> None:
+    """``metrics.json`` (everything but the matrix; NaN -> null), ``per_class_iou.csv`` and ``confusion.csv``."""
+    out_dir = Path(out_dir)
+    names = metrics.get("class_names") or [str(i) for i in range(len(metrics.get("per_class_iou", [])))]
+    public = {k: v for k, v in metrics.items() if k != "confusion"}
+    (out_dir / "metrics.json").write_text(json.dumps(to_jsonable(public), indent=2) + "\n")
+    lines = ["class_id,class_name,iou"]
+    for i, (name, iou) in enumerate(zip(names, metrics.get("per_class_iou", []))):
+        lines.append(f"{i},{name},{'' if iou is None or math.isnan(iou) else repr(float(iou))}")
+    (out_dir / "per_class_iou.csv").write_text("\n".join(lines) + "\n")
+    if "confusion" in metrics:
+        rows = [",".join(["gt\\pred", *names])]
+        rows += [",".join([name, *(str(int(v)) for v in row)]) for name, row in zip(names, metrics["confusion"])]
+        (out_dir / "confusion.csv").write_text("\n".join(rows) + "\n")

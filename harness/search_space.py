@@ -1,0 +1,693 @@
+"""Tune specs: a run spec (``base``, ``resources``, ``seeds``, ``smoke``) plus a ``search`` section.
+
+The ``search`` section (see ``ablations/tune_*.yaml``)::
+
+    search:
+      params:                                   # dotted TrialConfig fields
+        train.lr: {type: float, low: 1.0e-3, high: 0.1, log: true}
+        model.num_points: [1, 4, 9, 16, 25]     # a plain list = categorical
+        model.branches: {type: categorical, choices: [spatial, channel, dual]}
+        model.pooled_size: {type: int, low: 2, high: 16, step: 2, when: {model.branches: [channel, dual]}}
+      objectives: {miou: maximize}              # or {miou: maximize, gflops: minimize}
+      n_trials: 40                              # budget: trials that reached a verdict (all runs together)
+      smoke_trials: 4                           # the budget under --smoke
+      concurrency: 4                            # trials at once (default: what the cluster fits)
+      pruning: true                             # single validation-metric objective only (default: when possible)
+      pruner: {type: successive_halving, reduction_factor: 3}   # | median | percentile | hyperband (+ options)
+      sampler: {type: tpe, seed: 0}             # tpe (default) | nsga2 (default for 2+ objectives) | random
+      storage: null                             # RDB URL or *.log journal file (default sqlite:///<out>/study.db)
+      study_name: null                          # default: the spec name
+      enqueue: [{train.lr: 0.01, model.num_points: 9}]      # parameter sets tried first
+      confirm_seeds: [0, 1, 2]                  # seeds of the exported best spec
+      confirm_overrides: {train.steps: 55800}   # applied to the exported best spec (e.g. the full schedule)
+
+A parameter is a range (``int``/``float``, optional ``log: true`` or ``step``) or ``categorical``
+``choices``; ``when: {parent: [values]}`` samples it only when the (categorical) parent took one of
+those values, otherwise the base value stays. Objectives are final metrics: validation ones
+(:data:`EVAL_METRICS`, ``bf_<r>px``; these can be pruned on) and cost ones (:data:`COST_METRICS`).
+Sampler and pruner options are passed to Optuna's classes and checked against their signatures.
+
+Everything wrong in a spec is collected and raised at once as a :class:`harness.spec.SpecError`
+(a ConfigError: ``ddsm-bench`` exits 2), one line per problem, before anything runs. A tune spec
+has one configuration to start from (``base`` and at most one baseline) and one training seed;
+``axes``/``cells`` belong to grids and are rejected.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import inspect
+import json
+import re
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ddsm.config import ConfigError, TrialConfig
+from harness.spec import GridSpec, SpecError, flatten, parse_spec, resolve_config
+
+__all__ = [
+    "COST_METRICS", "EVAL_METRICS", "Objective", "Param", "SearchSpace", "TuneSpec", "TUNE_SMOKE_OVERRIDES",
+    "build_pruner", "build_sampler", "known_metrics", "load_tune_spec", "parse_search", "parse_tune_spec",
+    "resolve_trial_config", "trial_overrides",
+]
+
+# Reported by every validation (so usable for pruning) and in the final metrics.
+EVAL_METRICS = ("miou", "pixel_acc", "mean_acc", "biou")
+# Only in the final metrics (ddsm.profile.trial_cost and the engine), so never prunable.
+COST_METRICS = ("gflops", "gmacs", "params_m", "latency_ms", "train_step_ms", "peak_mem_mb", "train_peak_mem_mb",
+                "train_time_s")
+DIRECTIONS = {"maximize": "maximize", "maximise": "maximize", "max": "maximize",
+              "minimize": "minimize", "minimise": "minimize", "min": "minimize"}
+PARAM_TYPES = ("int", "float", "categorical")
+PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "when")
+SEARCH_KEYS = ("params", "objectives", "n_trials", "smoke_trials", "concurrency", "pruning", "pruner", "sampler",
+               "storage", "study_name", "enqueue", "confirm_seeds", "confirm_overrides")
+SAMPLERS = ("tpe", "nsga2", "random")
+PRUNERS = ("successive_halving", "median", "percentile", "hyperband")
+# --smoke in a study: 4 steps with a validation at step 2, so pruning has a rung to act on.
+TUNE_SMOKE_OVERRIDES: dict[str, Any] = {"train.steps": 4, "train.val_every": 2}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched config field: an int/float range (optionally log-scaled or stepped) or a set of choices."""
+
+    name: str  # dotted TrialConfig field, e.g. "train.lr"; also the Optuna parameter name
+    type: str  # int | float | categorical
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple = ()
+    when: tuple[tuple[str, tuple], ...] = ()  # (parent param, allowed values): sampled only if all hold
+
+    def distribution(self) -> Any:
+        """The equivalent ``optuna.distributions`` object."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        if self.type == "categorical":
+            return CategoricalDistribution(list(self.choices))
+        if self.type == "int":
+            return IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        return FloatDistribution(float(self.low), float(self.high), log=self.log, step=self.step)
+
+    def active(self, values: dict[str, Any]) -> bool:
+        """Whether every ``when`` condition holds for the parent values sampled so far."""
+        return all(parent in values and values[parent] in allowed for parent, allowed in self.when)
+
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is one this parameter can take."""
+        if self.type == "categorical":
+            return value in self.choices
+        ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok_type and self.low <= value <= self.high and (self.type == "float" or float(value).is_integer())
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A final metric to optimise and its direction."""
+
+    metric: str
+    direction: str  # maximize | minimize
+
+
+@dataclass
+class SearchSpace:
+    """The validated ``search`` section (see the module docstring)."""
+
+    params: list[Param]  # parents before children
+    objectives: list[Objective]
+    n_trials: int = 20
+    smoke_trials: int = 4  # the budget under --smoke
+    concurrency: int | None = None  # None: as many as the cluster's resources allow
+    pruning: bool = True
+    pruner: dict[str, Any] = field(default_factory=lambda: {"type": "successive_halving"})
+    sampler: dict[str, Any] = field(default_factory=lambda: {"type": "tpe", "seed": 0})
+    storage: str | None = None  # None: sqlite:///<out>/study.db
+    study_name: str | None = None  # None: the spec name
+    enqueue: list[dict[str, Any]] = field(default_factory=list)  # parameter sets tried first
+    confirm_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # seeds of the exported best spec
+    confirm_overrides: dict[str, Any] = field(default_factory=dict)  # dotted overrides of the best spec (e.g. steps)
+
+    @property
+    def multi(self) -> bool:
+        """More than one objective (NSGA-II / Pareto front, no pruning)."""
+        return len(self.objectives) > 1
+
+    @property
+    def directions(self) -> list[str]:
+        """Optuna directions, in objective order."""
+        return [o.direction for o in self.objectives]
+
+    @property
+    def metrics(self) -> list[str]:
+        """Objective metric names, in order."""
+        return [o.metric for o in self.objectives]
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        """Define-by-run: sample every active parameter from an ``optuna.Trial``; return {dotted key: value}."""
+        values: dict[str, Any] = {}
+        for p in self.params:
+            if not p.active(values):
+                continue
+            if p.type == "categorical":
+                values[p.name] = trial.suggest_categorical(p.name, list(p.choices))
+            elif p.type == "int":
+                values[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+            else:
+                values[p.name] = trial.suggest_float(p.name, float(p.low), float(p.high), step=p.step, log=p.log)
+        return values
+
+    def fingerprint(self) -> str:
+        """Hash of the parameters and objectives: a stored study must match it to be continued."""
+        payload = json.dumps([[dataclasses.asdict(p) for p in self.params], self.metrics, self.directions],
+                             sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+@dataclass
+class TuneSpec:
+    """A tune spec: the run-spec part (base config, resources, seed, smoke) and the search space."""
+
+    grid: GridSpec
+    search: SearchSpace
+
+    @property
+    def name(self) -> str:
+        """The spec name (MLflow experiment and default study name)."""
+        return self.grid.name
+
+    @property
+    def source(self) -> str:
+        """Where the spec came from."""
+        return self.grid.source
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_tune_spec(path: str | Path) -> TuneSpec:
+    """Read and validate a tune spec file; raise SpecError (exit 2) listing every problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(str(p), [f"spec file {str(p)!r} does not exist"])
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError(str(p), [f"not valid YAML: {str(e).splitlines()[0]}"]) from None
+    if isinstance(raw, dict) and not raw.get("name"):
+        raw = {**raw, "name": p.stem}
+    return parse_tune_spec(raw, source=str(p))
+
+
+def parse_tune_spec(raw: Any, *, source: str = "<dict>") -> TuneSpec:
+    """Build a TuneSpec from a YAML-loaded dict; raise SpecError listing every problem."""
+    if not isinstance(raw, dict):
+        raise SpecError(source, [f"the spec must be a mapping with a `search` section, got {raw!r}"])
+    problems: list[str] = []
+    raw = copy.deepcopy(raw)
+    search_raw = raw.pop("search", None)
+    for key in ("axes", "cells"):
+        if raw.pop(key, None) is not None:
+            problems.append(f"{key} is not allowed in a tune spec: list the values to search under search.params")
+    raw.setdefault("baselines", [{"name": "base"}])
+    grid: GridSpec | None = None
+    try:
+        grid = parse_spec(raw, source=source)
+    except SpecError as e:
+        problems.extend(e.problems)
+    if grid is not None:
+        if len(grid.baselines) > 1:
+            problems.append(f"baselines: a tune spec starts from one configuration, got {len(grid.baselines)} "
+                            "baselines: keep one (or search over the field that differs)")
+        if len(grid.seeds) > 1:
+            problems.append(f"seeds={grid.seeds!r} is not allowed: a study trains each trial with one seed; "
+                            "give one (the exported best spec confirms with search.confirm_seeds)")
+    search = parse_search(search_raw, grid=grid, problems=problems)
+    if problems:
+        raise SpecError(source, problems)
+    assert grid is not None and search is not None  # noqa: S101 - no problems means both parsed
+    return TuneSpec(grid=grid, search=search)
+
+
+def trial_overrides(spec: TuneSpec, params: dict[str, Any]) -> dict[str, Any]:
+    """Dotted overrides of one trial: the baseline's overrides, then the sampled parameters."""
+    return {**spec.grid.baselines[0].overrides, **params}
+
+
+def resolve_trial_config(spec: TuneSpec, params: dict[str, Any], *, smoke: bool = False,
+                         check_paths: bool = True) -> TrialConfig:
+    """The validated TrialConfig of a trial with ``params`` (raise ConfigError if it cannot run).
+
+    Under ``smoke``: :data:`harness.spec.SMOKE_OVERRIDES`, then :data:`TUNE_SMOKE_OVERRIDES`, then the
+    spec's own ``smoke`` section.
+    """
+    grid = dataclasses.replace(spec.grid, smoke={**TUNE_SMOKE_OVERRIDES, **spec.grid.smoke})
+    return resolve_config(grid, trial_overrides(spec, params), seed=grid.seeds[0], smoke=smoke,
+                          check_paths=check_paths)
+
+
+# ----------------------------------------------------------------------------- the search section
+
+
+def parse_search(raw: Any, *, grid: GridSpec | None, problems: list[str]) -> SearchSpace | None:
+    """Validate the ``search`` section, appending one line per problem; None when it cannot be built.
+
+    ``grid`` (the parsed run-spec part, None if it had problems) is used to check every range bound and
+    choice against the base config and to find the objective metrics the run will report.
+    """
+    if not isinstance(raw, dict):
+        problems.append(f"search={raw!r} is not allowed: expected a mapping with params and objectives "
+                        f"(keys: {', '.join(SEARCH_KEYS)})")
+        return None
+    for key in raw:
+        if key not in SEARCH_KEYS:
+            problems.append(f"search: unknown key {key!r}; allowed keys: {', '.join(SEARCH_KEYS)}")
+    n_before = len(problems)
+    params = _params(raw.get("params"), problems)
+    objectives = _objectives(raw.get("objectives"), problems)
+    n_trials = _int(raw, "n_trials", 20, 1, problems)
+    smoke_trials = _int(raw, "smoke_trials", min(n_trials, 4), 1, problems)
+    concurrency = _int(raw, "concurrency", None, 1, problems)
+    pruning = _pruning(raw.get("pruning"), objectives, problems)
+    pruner = _component(raw.get("pruner"), "pruner", "successive_halving", PRUNERS, _pruner_class, problems)
+    sampler = _component(raw.get("sampler"), "sampler", "nsga2" if len(objectives) > 1 else "tpe", SAMPLERS,
+                         _sampler_class, problems)
+    storage = _optional_str(raw, "storage", problems)
+    study_name = _optional_str(raw, "study_name", problems)
+    enqueue = _enqueue(raw.get("enqueue", []), params, problems)
+    seeds, confirm = _confirm(raw, grid, problems)
+    if grid is not None:
+        _check_against_base(grid, params, objectives, problems)
+    if len(problems) > n_before:
+        return None
+    space = SearchSpace(params=params, objectives=objectives, n_trials=n_trials, smoke_trials=smoke_trials,
+                        concurrency=concurrency, pruning=pruning, pruner=pruner, sampler=sampler, storage=storage,
+                        study_name=study_name, enqueue=enqueue, confirm_seeds=seeds, confirm_overrides=confirm)
+    for name, build in (("sampler", lambda: build_sampler(space)),
+                        ("pruner", lambda: build_pruner(space, rung_step=1, total_steps=2))):
+        try:
+            build()
+        except (TypeError, ValueError) as e:  # option values the sampler/pruner itself rejects
+            problems.append(f"search.{name}: {str(e).splitlines()[0]}")
+    return None if len(problems) > n_before else space
+
+
+def _confirm(raw: dict, grid: GridSpec | None, problems: list[str]) -> tuple[list[int], dict[str, Any]]:
+    """``confirm_seeds`` and (flattened, checked against the base) ``confirm_overrides`` of the best spec."""
+    seeds = raw.get("confirm_seeds", [0, 1, 2])
+    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+            and len(set(seeds)) == len(seeds)):
+        problems.append(f"search.confirm_seeds={seeds!r} is not allowed: expected a non-empty list of distinct "
+                        "integers")
+        seeds = [0, 1, 2]
+    confirm = raw.get("confirm_overrides") or {}
+    if not isinstance(confirm, dict):
+        problems.append(f"search.confirm_overrides={confirm!r} is not allowed: expected a mapping of dotted config "
+                        "fields to values (applied to the exported best spec, e.g. {train.steps: 55800})")
+        return list(seeds), {}
+    confirm = flatten(confirm)
+    if grid is not None:
+        try:
+            resolve_config(grid, {**grid.baselines[0].overrides, **confirm}, seed=grid.seeds[0], check_paths=False)
+        except ConfigError as e:
+            problems.append(f"search.confirm_overrides: {e}")
+    return list(seeds), confirm
+
+
+def _params(raw: Any, problems: list[str]) -> list[Param]:
+    """Parse every parameter, then check the ``when`` parents and order parents before children."""
+    if not isinstance(raw, dict) or not raw:
+        problems.append(f"search.params={raw!r} is not allowed: expected a mapping of dotted config fields to "
+                        "ranges or choices, e.g. train.lr: {type: float, low: 1.0e-3, high: 0.1, log: true}")
+        return []
+    parsed = {}
+    for key, spec in raw.items():
+        param = _param(str(key), spec, problems)
+        if param is not None:
+            parsed[param.name] = param
+    for p in parsed.values():
+        for parent, allowed in p.when:
+            if parent not in parsed:
+                if parent not in raw:  # a parent that failed to parse was already reported
+                    problems.append(f"search.params.{p.name}: `when` depends on {parent!r}, which is not a searched "
+                                    f"parameter; searched: {', '.join(parsed)}")
+                continue
+            bad = [v for v in allowed if not parsed[parent].contains(v)]
+            if bad:
+                problems.append(f"search.params.{p.name}: `when` value(s) {bad!r} can never be taken by {parent!r}")
+    return _topological(parsed, problems)
+
+
+def _param(key: str, spec: Any, problems: list[str]) -> Param | None:
+    where = f"search.params.{key}"
+    tp = _field_type(key)
+    if isinstance(tp, str):
+        problems.append(f"{where}: {tp}")
+        return None
+    if isinstance(spec, list):
+        spec = {"type": "categorical", "choices": spec}
+    if not isinstance(spec, dict):
+        problems.append(f"{where}={spec!r} is not allowed: expected a list of choices or a mapping with "
+                        f"{', '.join(PARAM_KEYS)}")
+        return None
+    unknown = [k for k in spec if k not in PARAM_KEYS]
+    if unknown:
+        problems.append(f"{where}: unknown key {unknown[0]!r}; allowed keys: {', '.join(PARAM_KEYS)}")
+        return None
+    kind = spec.get("type", "categorical" if "choices" in spec else None)
+    if kind not in PARAM_TYPES:
+        problems.append(f"{where}.type={kind!r} is not allowed: expected one of {', '.join(PARAM_TYPES)}")
+        return None
+    when = _when(spec.get("when"), where, problems)
+    if kind == "categorical":
+        return _categorical(key, spec, tp, when, where, problems)
+    return _numeric(key, kind, spec, tp, when, where, problems)
+
+
+def _categorical(key: str, spec: dict, tp: Any, when: tuple, where: str, problems: list[str]) -> Param | None:
+    choices = spec.get("choices")
+    extra = [k for k in ("low", "high", "log", "step") if k in spec]
+    if extra:
+        problems.append(f"{where}: {extra[0]!r} is not allowed for a categorical parameter: give choices only")
+        return None
+    if not isinstance(choices, list) or not choices:
+        problems.append(f"{where}.choices={choices!r} is not allowed: expected a non-empty list")
+        return None
+    if not all(c is None or isinstance(c, (bool, int, float, str)) for c in choices):
+        problems.append(f"{where}.choices={choices!r} is not allowed: choices must be numbers, strings, booleans or "
+                        "null (list-valued fields cannot be searched)")
+        return None
+    if len({json.dumps(c) for c in choices}) != len(choices):
+        problems.append(f"{where}.choices={choices!r} is not allowed: choices must be distinct")
+        return None
+    return Param(name=key, type="categorical", choices=tuple(choices), when=when)
+
+
+def _numeric(key: str, kind: str, spec: dict, tp: Any, when: tuple, where: str, problems: list[str]) -> Param | None:
+    if "choices" in spec:
+        problems.append(f"{where}: 'choices' is not allowed for a {kind} range: use type categorical")
+        return None
+    if kind == "float" and tp is int:
+        problems.append(f"{where}: {key} is an int field: use type int or categorical, not float")
+        return None
+    if tp not in (int, float):
+        problems.append(f"{where}: {key} is not a number field: use type categorical")
+        return None
+    values = {}
+    for k in ("low", "high", "step"):
+        v = _yaml_float(spec.get(k)) if kind == "float" else spec.get(k)
+        if v is None and k == "step":
+            continue
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or (kind == "int" and not float(v).is_integer()):
+            expected = "an integer" if kind == "int" else "a number"
+            problems.append(f"{where}.{k}={v!r} has the wrong type: expected {expected}")
+            return None
+        values[k] = v
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        problems.append(f"{where}.log={log!r} has the wrong type: expected true or false")
+        return None
+    low, high, step = values["low"], values["high"], values.get("step")
+    if low > high:
+        problems.append(f"{where}: empty range low={low!r} > high={high!r}: expected low < high")
+    elif low == high:
+        problems.append(f"{where}: range low=high={low!r} holds one value: set it in base instead of searching it")
+    elif log and low <= 0:
+        problems.append(f"{where}: log range needs positive bounds, got low={low!r}: expected 0 < low < high")
+    elif log and step is not None:
+        problems.append(f"{where}: step={step!r} is not allowed with log: true (Optuna samples log ranges "
+                        "continuously)")
+    elif step is not None and not 0 < step <= high - low:
+        problems.append(f"{where}.step={step!r} is not allowed: expected 0 < step <= high - low")
+    else:
+        return Param(name=key, type=kind, low=low, high=high, log=log, step=step, when=when)
+    return None
+
+
+def _yaml_float(value: Any) -> Any:
+    """``"1e-3"`` -> 0.001 (YAML 1.1 reads 1e-3, without a dot, as a string; ddsm.config accepts it too)."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _when(raw: Any, where: str, problems: list[str]) -> tuple[tuple[str, tuple], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict) or not raw:
+        problems.append(f"{where}.when={raw!r} is not allowed: expected a mapping of parent parameter to the value "
+                        "(or list of values) for which this one is searched, e.g. {model.branches: [channel, dual]}")
+        return ()
+    return tuple((str(k), tuple(v) if isinstance(v, list) else (v,)) for k, v in raw.items())
+
+
+def _topological(params: dict[str, Param], problems: list[str]) -> list[Param]:
+    """Parents before children, otherwise file order; a cycle is a problem."""
+    ordered: list[Param] = []
+    placed: set[str] = set()
+    remaining = list(params.values())
+    while remaining:
+        progress = False
+        for p in list(remaining):
+            if all(parent in placed or parent not in params for parent, _ in p.when):
+                ordered.append(p)
+                placed.add(p.name)
+                remaining.remove(p)
+                progress = True
+        if not progress:
+            problems.append(f"search.params: the `when` conditions of {', '.join(p.name for p in remaining)} form a "
+                            "cycle: a parameter cannot depend (directly or not) on itself")
+            return ordered
+    return ordered
+
+
+def _field_type(key: str) -> Any:
+    """The annotated type of dotted TrialConfig field ``key``, or a one-line problem (a str)."""
+    parts = key.split(".")
+    cls: Any = TrialConfig
+    for i, part in enumerate(parts):
+        fields = [f.name for f in dataclasses.fields(cls)]
+        prefix = ".".join(parts[:i])
+        if part not in fields:
+            where = f"fields of {prefix}" if prefix else "sections"
+            return f"unknown parameter {key!r}: not a TrialConfig field ({where}: {', '.join(fields)})"
+        tp = typing.get_type_hints(cls)[part]
+        if dataclasses.is_dataclass(tp):
+            cls = tp
+            continue
+        if i != len(parts) - 1:
+            return f"unknown parameter {key!r}: {'.'.join(parts[: i + 1])!r} is a field, not a section"
+        if key == "train.seed":
+            return "train.seed cannot be searched: it is set by `seeds:` (and search.confirm_seeds for the best spec)"
+        origin = typing.get_origin(tp)
+        if origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = args[0] if len(args) == 1 else tp
+        return tp
+    return f"{key!r} is a section, not a field: give one of its fields (e.g. {key}.<field>)"
+
+
+def _objectives(raw: Any, problems: list[str]) -> list[Objective]:
+    """``{metric: direction, ...}`` or ``[{metric: m, direction: d}, ...]`` -> objectives in order."""
+    pairs: list[tuple[Any, Any]] = []
+    if isinstance(raw, dict):
+        pairs = list(raw.items())
+    elif isinstance(raw, list) and all(isinstance(o, dict) and set(o) == {"metric", "direction"} for o in raw):
+        pairs = [(o["metric"], o["direction"]) for o in raw]
+    if not pairs:
+        problems.append(f"search.objectives={raw!r} is not allowed: expected a mapping of metric to direction, e.g. "
+                        "{miou: maximize} or {miou: maximize, gflops: minimize}")
+        return []
+    out = []
+    for metric, direction in pairs:
+        d = DIRECTIONS.get(str(direction).lower()) if isinstance(direction, str) else None
+        if d is None:
+            problems.append(f"search.objectives.{metric}: direction {direction!r} is not allowed: expected maximize "
+                            "or minimize")
+            continue
+        out.append(Objective(metric=str(metric), direction=d))
+    if len({o.metric for o in out}) != len(out):
+        problems.append(f"search.objectives: metric listed twice in {[o.metric for o in out]}")
+    return out
+
+
+def known_metrics(cfg: TrialConfig) -> list[str]:
+    """Final metric names a trial with ``cfg`` reports (validation first, then cost).
+
+    A fractional boundary tolerance is listed as ``bf_<fraction>``; on images of one size its key is
+    ``bf_<r>px`` instead, which the objective check accepts whenever a tolerance is fractional.
+    """
+    bf = [f"bf_{int(t)}px" if t >= 1 else f"bf_{t:g}" for t in cfg.eval.tolerances]
+    return [*EVAL_METRICS, *dict.fromkeys(bf), *COST_METRICS]
+
+
+def _pruning(raw: Any, objectives: list[Objective], problems: list[str]) -> bool:
+    """Default: on for one validation-metric objective; explicit ``true`` elsewhere is a problem."""
+    prunable = len(objectives) == 1 and _is_eval_metric(objectives[0].metric)
+    if raw is None:
+        return prunable
+    if not isinstance(raw, bool):
+        problems.append(f"search.pruning={raw!r} has the wrong type: expected true or false")
+        return False
+    if raw and len(objectives) > 1:
+        problems.append("search.pruning=true is not allowed with several objectives: Optuna's pruners compare one "
+                        "intermediate value per step; set pruning: false")
+    elif raw and objectives and not prunable:
+        problems.append(f"search.pruning=true is not allowed for objective {objectives[0].metric!r}: it is only known "
+                        f"at the end; pruning needs a validation metric ({', '.join(EVAL_METRICS)}, bf_<r>px)")
+    return raw
+
+
+def _is_eval_metric(metric: str) -> bool:
+    return metric in EVAL_METRICS or metric.startswith("bf_")
+
+
+def _component(raw: Any, name: str, default: str, allowed: tuple[str, ...], get_class: Any,
+               problems: list[str]) -> dict[str, Any]:
+    """``{type: ..., <keyword options>}`` for a sampler/pruner; options are checked against its signature."""
+    if raw is None:
+        raw = {"type": default}
+    if isinstance(raw, str):
+        raw = {"type": raw}
+    if not isinstance(raw, dict):
+        problems.append(f"search.{name}={raw!r} is not allowed: expected a mapping {{type: ..., <options>}}")
+        return {"type": default}
+    out = {"type": default, **raw}
+    if out["type"] not in allowed:
+        problems.append(f"search.{name}.type={out['type']!r} is not allowed: expected one of {', '.join(allowed)}")
+        return out
+    accepted = [p for p in inspect.signature(get_class(out["type"]).__init__).parameters if p != "self"]
+    for key in out:
+        if key != "type" and key not in accepted:
+            problems.append(f"search.{name}: unknown option {key!r} for {out['type']}; allowed: {', '.join(accepted)}")
+    return out
+
+
+def build_sampler(search: SearchSpace, *, seed_offset: int = 0) -> Any:
+    """TPE (single objective default; multivariate, grouped when parameters are conditional), NSGA-II or random.
+
+    Chosen defaults: ``seed`` 0; TPE ``multivariate=True`` and ``group=True`` when a ``when`` makes the
+    space conditional (Optuna's recommendation for conditional spaces); Optuna's defaults otherwise
+    (``constant_liar=True`` keeps concurrent trials apart).
+    """
+    import optuna
+
+    options = {k: v for k, v in search.sampler.items() if k != "type"}
+    options["seed"] = int(options.get("seed", 0)) + seed_offset
+    kind = search.sampler["type"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if kind == "tpe":
+            conditional = any(p.when for p in search.params)
+            options = {"multivariate": True, "group": conditional, **options}
+            return optuna.samplers.TPESampler(**options)
+        if kind == "nsga2":
+            return optuna.samplers.NSGAIISampler(**options)
+        return optuna.samplers.RandomSampler(**options)
+
+
+def build_pruner(search: SearchSpace, *, rung_step: int, total_steps: int) -> Any:
+    """The pruner of ``search.pruner`` (NopPruner when pruning is off).
+
+    Chosen defaults: successive halving (asynchronous, i.e. ASHA) with its first rung at the first
+    validation (``min_resource = train.val_every``) and ``reduction_factor`` 3; hyperband spans
+    ``val_every .. train.steps``; median/percentile prune from the first validation after 2 trials.
+    """
+    import optuna
+
+    if not search.pruning:
+        return optuna.pruners.NopPruner()
+    options = {k: v for k, v in search.pruner.items() if k != "type"}
+    kind = search.pruner["type"]
+    if kind == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(**{"min_resource": rung_step, "reduction_factor": 3, **options})
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(**{"min_resource": rung_step, "max_resource": total_steps,
+                                                 "reduction_factor": 3, **options})
+    if kind == "median":
+        return optuna.pruners.MedianPruner(**{"n_startup_trials": 2, **options})
+    return optuna.pruners.PercentilePruner(**{"percentile": 50.0, "n_startup_trials": 2, **options})
+
+
+def _sampler_class(kind: str) -> type:
+    import optuna
+
+    return {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISampler,
+            "random": optuna.samplers.RandomSampler}[kind]
+
+
+def _pruner_class(kind: str) -> type:
+    import optuna
+
+    return {"successive_halving": optuna.pruners.SuccessiveHalvingPruner, "median": optuna.pruners.MedianPruner,
+            "percentile": optuna.pruners.PercentilePruner, "hyperband": optuna.pruners.HyperbandPruner}[kind]
+
+
+def _int(raw: dict, key: str, default: int | None, minimum: int, problems: list[str]) -> Any:
+    value = raw.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        problems.append(f"search.{key}={value!r} is not allowed: expected an integer >= {minimum}")
+        return default if default is not None else minimum
+    return value
+
+
+def _optional_str(raw: dict, key: str, problems: list[str]) -> str | None:
+    value = raw.get(key)
+    if value is not None and not (isinstance(value, str) and value):
+        problems.append(f"search.{key}={value!r} has the wrong type: expected a non-empty string")
+        return None
+    return value
+
+
+def _enqueue(raw: Any, params: list[Param], problems: list[str]) -> list[dict[str, Any]]:
+    """Parameter sets to try first: each key a searched parameter, each value one it can take."""
+    if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+        problems.append(f"search.enqueue={raw!r} is not allowed: expected a list of {{parameter: value}} mappings")
+        return []
+    by_name = {p.name: p for p in params}
+    for i, item in enumerate(raw):
+        for key, value in item.items():
+            if key not in by_name:
+                problems.append(f"search.enqueue[{i}]: {key!r} is not a searched parameter; searched: "
+                                f"{', '.join(by_name)}")
+            elif not by_name[key].contains(value):
+                problems.append(f"search.enqueue[{i}]: {key}={value!r} is outside its range or choices")
+    return [dict(item) for item in raw]
+
+
+def _check_against_base(grid: GridSpec, params: list[Param], objectives: list[Objective],
+                        problems: list[str]) -> None:
+    """Every bound/choice must give a valid config; every objective must be a metric the trials report."""
+    try:
+        base = resolve_config(grid, grid.baselines[0].overrides, seed=grid.seeds[0], check_paths=False)
+    except ConfigError as e:
+        problems.append(f"base: {e}")
+        return
+    for p in params:
+        values = p.choices if p.type == "categorical" else (p.low, p.high)
+        parents = {parent: allowed[0] for parent, allowed in p.when}
+        for value in values:
+            try:
+                resolve_config(grid, {**grid.baselines[0].overrides, **parents, p.name: value}, seed=grid.seeds[0],
+                               check_paths=False)
+            except ConfigError as e:
+                problems.append(f"search.params.{p.name}: {e}")
+                break
+    metrics = known_metrics(base)
+    fractional = any(t < 1 for t in base.eval.tolerances)  # their bf_<r>px keys depend on the image size
+    for o in objectives:
+        if o.metric not in metrics and not (fractional and re.fullmatch(r"bf_\d+px", o.metric)):
+            problems.append(f"search.objectives: unknown metric {o.metric!r}: expected one of {', '.join(metrics)}")
