@@ -464,8 +464,11 @@ def run_grid(spec: GridSpec | str | Path, *, out_dir: str | Path, address: str |
 
 def _write_report(summary: GridSummary, *, console) -> None:  # noqa: ANN001 - rich Console
     """Write the paper tables and figures of the grid to <out>/report (a failure there never fails the grid)."""
+    from rich.console import Console
+
     from harness.mlflow_store import write_report_from_mlflow
 
+    console = console or Console(width=None if sys.stdout.isatty() else 200)
     try:
         paths = write_report_from_mlflow(summary.tracking_uri, parent_run_id=summary.parent_run_id,
                                          out_dir=summary.out_dir / "report", baseline=summary.spec.baseline)

@@ -96,6 +96,8 @@ def test_quickstart_smoke_end_to_end_then_rerun_skips_everything(ray_address: st
     run = next(c for c in children if c.data.tags["cell_hash"] == fpn[0].cell.hash)
     assert fpn[0].metrics["miou"] == pytest.approx(run.data.metrics["miou"])
 
+    report = (out / "report" / "report.md").read_text()  # the grid ends by writing its paper report
+    assert "fpn" in report and "miou" in report.lower()
     again = run_grid(spec, out_dir=out, smoke=True, console=_quiet())
     assert again.exit_code == 0 and {r.status for r in again.results} == {"skipped"}
     assert len(_runs(out, "quickstart-smoke", "cell")) == 10 and len(_runs(out, "quickstart-smoke", "grid")) == 1
@@ -176,11 +178,14 @@ def test_sigterm_marks_running_killed_then_rerun_resumes_without_retraining(ray_
 
 def test_two_worker_gloo_ddp_trial(ray_address: str, tmp_path: Path):
     spec = _write_spec(tmp_path / "ddp.yaml", resources={"cpus": 1, "num_workers": 2})
-    summary = run_grid(spec, out_dir=tmp_path / "out", console=_quiet())
-    (r,) = summary.results
-    assert summary.exit_code == 0, (tmp_path / "out" / "cells" / r.cell.hash / "error.txt").read_text()
-    assert r.metrics["world_size"] == 2
-    assert (tmp_path / "out" / "cells" / r.cell.hash / "train.rank1.log").is_file()
+    (cell,) = expand(load_spec(spec))
+    cell_dir = tmp_path / "out" / "cells" / cell.hash
+    # through the CLI, as a user runs it (the command prints its summary and report with its own console)
+    rc = main(["run", str(spec), "--out", str(tmp_path / "out"), "--address", ray_address])
+    assert rc == 0, (cell_dir / "error.txt").read_text() if (cell_dir / "error.txt").is_file() else rc
+    assert json.loads((cell_dir / "metrics.json").read_text())["world_size"] == 2
+    assert (cell_dir / "train.rank1.log").is_file()
+    assert (tmp_path / "out" / "report" / "report.md").is_file()
     (child,) = _runs(tmp_path / "out", "ddp", "cell")
     assert child.info.status == "FINISHED" and "miou" in child.data.metrics
 
