@@ -132,13 +132,13 @@ def affinity_flops(B: int, H: int, W: int, N: int, C: int, Cv: int) -> int:
     C-channel keys and Cv-channel values; update together with sampling.py.
 
     Per point (P = B*H*W locations x N points): q.k over the 4 corners 8C (gather-dot) and the
-    weighted value gather 8Cv, plus 76 for the rest: position + offset 2, floor 2, 4 corners 8,
-    in-map comparisons 16, fractions 2, corner factors 16, weights 8 + mask 4, weight x dot 4,
-    sum 4, scale 1, softmax 5, attn x weight 4.
-    Per image location: centre + base grid 2N. Constants: base grid k = sqrt(N); corner table 3 x 8.
+    weighted value gather 8Cv, plus 42 for the rest: position + offset 2; corners: floor 2, fraction 2,
+    in-map comparisons 8, 1 - fraction 2, factors x inside 4, corner weights 4; affinity: weight x dot 4,
+    sum over corners 4, scale 1, softmax 5, attention x weight 4.
+    Per image location: centre + base grid 2N. Constants: base grid k = sqrt(N); map size - 1: 2.
     """
     P = B * H * W
-    return math.isqrt(N) + 24 + 2 * N * H * W + 76 * P * N + 8 * P * N * (C + Cv)
+    return math.isqrt(N) + 2 + 2 * N * H * W + 42 * P * N + 8 * P * N * (C + Cv)
 
 
 def test_dynamic_affinity_flops_match_formula():

@@ -254,7 +254,8 @@ def test_ctrl_c_keeps_finished_trials_and_rerun_continues_the_count(ray_address:
         while not stop.wait(0.1):
             dirs = sorted((out / "trials").glob("*")) if (out / "trials").is_dir() else []
             done = [d for d in dirs if (d / "result.json").is_file()]
-            running = [d for d in dirs if (d / "attempts.jsonl").is_file() and not (d / "result.json").is_file()]
+            # a running trial with a checkpoint to resume from (its attempt is recorded before the first one)
+            running = [d for d in dirs if (d / "checkpoints" / "last.pt").is_file() and not (d / "result.json").is_file()]
             if done and running:
                 os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does
                 return

@@ -8,13 +8,25 @@ sampling equals an explicit zero-padded k x k neighbourhood gather.
 
 Written here (not taken from torchvision.ops.deform_conv2d) because DDSM needs the sampled keys and
 values themselves for a softmax affinity, not a weighted convolution of them.
+
+Two implementations of :func:`dynamic_affinity` (``impl``):
+
+- ``gather`` (default): channels-last rows, the 4 bilinear corners of the N points read with
+  ``embedding_bag`` (a weighted row gather) and a fused gather-dot, with a hand-written backward
+  (:class:`SampledAffinity`). It never materialises the (B, N, C, H, W) sampled keys or values, so
+  memory stays O(B C H W + B N H W) and the CPU time is a few passes over the feature maps.
+- ``grid_sample``: the direct reading of the figure with ``F.grid_sample`` and autograd; the
+  reference the fast path is tested against (tests/test_sampling_fast.py), kept for benchmarks.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
+
+IMPLS = ("gather", "grid_sample")
 
 
 def base_grid(num_points: int, *, device=None, dtype=None) -> torch.Tensor:
@@ -31,6 +43,14 @@ def base_grid(num_points: int, *, device=None, dtype=None) -> torch.Tensor:
     return torch.stack([dy.reshape(-1), dx.reshape(-1)], dim=1)  # (N, 2)
 
 
+def _grid_positions(height: int, width: int, num_points: int, *, device, dtype) -> torch.Tensor:
+    """p + r_k for every pixel p of an H x W map and every base-grid point k: (H, W, N, 2) as (y, x)."""
+    ys = torch.arange(height, device=device, dtype=dtype)
+    xs = torch.arange(width, device=device, dtype=dtype)
+    centre = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1)  # (H, W, 2)
+    return centre[:, :, None] + base_grid(num_points, device=device, dtype=dtype)  # (H, W, N, 2)
+
+
 def sample_positions(offsets: torch.Tensor, num_points: int) -> torch.Tensor:
     """Absolute sampling positions p + r_k + offset_k(p) in pixels.
 
@@ -38,18 +58,14 @@ def sample_positions(offsets: torch.Tensor, num_points: int) -> torch.Tensor:
     """
     B, _, H, W = offsets.shape
     off = offsets.view(B, num_points, 2, H, W).permute(0, 1, 3, 4, 2)  # (B, N, H, W, 2)
-    ys = torch.arange(H, device=offsets.device, dtype=offsets.dtype)
-    xs = torch.arange(W, device=offsets.device, dtype=offsets.dtype)
-    py, px = torch.meshgrid(ys, xs, indexing="ij")
-    centre = torch.stack([py, px], dim=-1)  # (H, W, 2)
-    grid = base_grid(num_points, device=offsets.device, dtype=offsets.dtype)  # (N, 2)
-    return centre[None, None] + grid[None, :, None, None, :] + off  # (B, N, H, W, 2)
+    grid = _grid_positions(H, W, num_points, device=offsets.device, dtype=offsets.dtype)  # (H, W, N, 2)
+    return grid.permute(2, 0, 1, 3)[None] + off  # (B, N, H, W, 2)
 
 
 def sample_at(feat: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Bilinearly sample ``feat`` (B, C, Hin, Win) at pixel positions ``pos`` (B, N, H, W, 2) as (y, x).
 
-    Returns (B, N, C, H, W); positions outside read zeros.
+    Returns (B, N, C, H, W); positions outside read zeros. This is the grid_sample reference.
     """
     B, C, Hin, Win = feat.shape
     _, N, H, W, _ = pos.shape
@@ -61,6 +77,187 @@ def sample_at(feat: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return out.view(B, C, N, H, W).transpose(1, 2)  # (B, N, C, H, W)
 
 
+# ----------------------------------------------------------------------------- fast path
+#
+# Two layouts: feature maps as channels-last rows (B*H*W, C), gathered row by row; and everything
+# per point as (B, 4 corners, N points, L = H*W pixels), so elementwise maths and reductions over
+# corners or points run along the long, contiguous pixel axis. The embedding_bag kernels want one
+# contiguous bag of 4N samples per pixel, (B*L, 4N): _to_bags / _from_bags transpose between the two.
+
+
+CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))  # (dy, dx) of the 4 bilinear corners from (floor y, floor x)
+
+
+def _to_bags(x: torch.Tensor) -> torch.Tensor:
+    """(B, J, L) -> (B*L, J): one 2-D transpose per image (ATen's blocked transpose kernel)."""
+    B, J, L = x.shape
+    out = x.new_empty(B, L, J)
+    for b in range(B):
+        out[b].copy_(x[b].t())
+    return out.view(B * L, J)
+
+
+def _from_bags(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B*L, J) -> (B, J, L), the inverse of :func:`_to_bags`."""
+    P, J = x.shape
+    out = x.new_empty(batch, J, P // batch)
+    for b, rows in enumerate(x.view(batch, P // batch, J)):
+        out[b].copy_(rows.t())
+    return out
+
+
+class Corners:
+    """The 4 bilinear corners of N sampling positions per pixel on a B x Hk x Wk map.
+
+    pos: (B, 2, N, L) as (y, x) in pixels of the map, for L output pixels per image. Attributes:
+    ``weights`` (B, 4, N, L) over :data:`CORNERS`, 0 for a corner outside the map; ``index``
+    (B, 4, N, L) and ``bag_index`` (B*L, 4N, one bag per output pixel) the row b*Hk*Wk + y*Wk + x of
+    every corner (a corner outside reads some valid row, with weight 0); ``factors`` (B, 2 coords,
+    2 lo/hi, N, L), the 1-D weights 1 - frac and frac, each times ``inside`` (that row / column lies
+    inside the map).
+    """
+
+    def __init__(self, pos: torch.Tensor, *, height: int, width: int):
+        B, _, N, L = pos.shape
+        self.batch, self.height, self.width = B, height, width
+        size = torch.tensor([height, width], device=pos.device, dtype=pos.dtype)[:, None, None]  # (2, 1, 1)
+        lo = pos.floor()  # (B, 2, N, L): (y0, x0)
+        frac = pos - lo
+        inside = [torch.logical_and(lo >= 0, lo < size), torch.logical_and(lo >= -1, lo < size - 1)]  # lo, lo + 1
+        self.inside = torch.stack(inside, dim=2).to(pos.dtype)  # (B, 2, 2, N, L)
+        self.factors = torch.stack([1 - frac, frac], dim=2) * self.inside  # (B, 2, 2, N, L)
+        fy, fx = self.factors[:, 0], self.factors[:, 1]  # (B, 2, N, L) each, over (lo, lo + 1)
+        self.weights = (fy[:, :, None] * fx[:, None]).view(B, 4, N, L)  # corner (a, b) = fy[a] * fx[b]
+        rows = B * height * width
+        self.index_dtype = torch.int32 if rows < 2**31 else torch.int64
+        lo_i = lo.to(self.index_dtype)  # NaN and huge positions give garbage here, clamped below (weight 0)
+        image = torch.arange(B, device=pos.device, dtype=self.index_dtype)[:, None, None] * (height * width)
+        base = lo_i[:, 0] * width + lo_i[:, 1] + image  # (B, N, L): row of (y0, x0)
+        steps = torch.tensor([0, 1, width, width + 1], device=pos.device, dtype=self.index_dtype)[:, None, None]
+        self.index = (base[:, None] + steps).clamp_(0, rows - 1)  # (B, 4, N, L)
+        self.bag_index = _to_bags(self.index.view(B, 4 * N, L))  # (B*L, 4N)
+
+    def position_grad(self, grad_weights: torch.Tensor) -> torch.Tensor:
+        """Chain rule through the weights: dL/dweights (B, 4, N, L) -> dL/dpos (B, 2, N, L) as (y, x).
+
+        d(fy[a] fx[b])/dy = sign(a) inside_y[a] fx[b] (sign -1 for lo, +1 for lo + 1), likewise for x.
+        """
+        B, _, N, L = grad_weights.shape
+        g = grad_weights.view(B, 2, 2, N, L)  # (a, b)
+        fy, fx = self.factors[:, 0], self.factors[:, 1]  # (B, 2, N, L)
+        per_row = torch.stack([(g * fx[:, None]).sum(2), (g * fy[:, :, None]).sum(1)], dim=1)  # (B, 2, 2, N, L)
+        sign = torch.tensor([-1.0, 1.0], device=g.device, dtype=g.dtype)[:, None, None]  # lo, lo + 1
+        return (per_row * self.inside * sign).sum(2)  # (B, 2, N, L)
+
+
+@functools.lru_cache(maxsize=16)
+def _bags(num_bags: int, bag_size: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed-size bags: their starts (num_bags,) and the bag of every sample (num_bags * bag_size,)."""
+    starts = torch.arange(0, num_bags * bag_size, bag_size, device=device, dtype=dtype)
+    bag_of = torch.arange(num_bags, device=device, dtype=dtype)[:, None].expand(num_bags, bag_size).reshape(-1)
+    return starts, bag_of
+
+
+@functools.lru_cache(maxsize=16)
+def _pixel_of_slot(batch: int, slots: int, length: int, device: torch.device) -> torch.Tensor:
+    """For a flattened (B, slots, L) tensor, the output pixel b*L + l of every element."""
+    pixel = torch.arange(batch * length, device=device).view(batch, 1, length)
+    return pixel.expand(batch, slots, length).reshape(-1)
+
+
+def weighted_gather(table: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out[p] = sum_j weights[p, j] * table[index[p, j]]: table (R, C), index/weights (P, J) -> (P, C).
+
+    ``embedding_bag`` (mode sum, per-sample weights) does this in one pass, never forming (P, J, C).
+    """
+    return F.embedding_bag(index, table, per_sample_weights=weights.to(table.dtype), mode="sum")
+
+
+def gather_dot(x: torch.Tensor, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """out[p, j] = <x[p], table[index[p, j]]>: x (P, C), table (R, C), index (P, J) -> (P, J).
+
+    This is exactly the per-sample-weight gradient of ``embedding_bag`` (a dot product of each bag's
+    output gradient with each of its rows), so that ATen kernel is used: one pass, no (P, J, C) tensor.
+    """
+    P, J = index.shape
+    starts, bag_of = _bags(P, J, index.device, index.dtype)
+    out = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        x, table, index.reshape(-1), starts, bag_of, 0, -1)  # mode 0 = sum; strided rows are fine
+    return out.view(P, J)
+
+
+def scatter_corners(corners: Corners, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Adjoint of the corner gather: for each (x (B*L, C), weights (B, 4, N, L)) return (R, C) with
+    out[index[b, c, n, l]] += weights[b, c, n, l] * x[b*L + l], R = B*Hk*Wk.
+
+    The corner rows are sorted once (shared by all pairs; int32 keys sort several times faster than
+    int64), which makes every output row a contiguous bag of (pixel, weight) samples: one
+    ``embedding_bag`` per pair then sums them. No (P, N, C) tensor and no atomic scatter (CPU
+    ``index_add_`` loops over rows one by one).
+    """
+    B, _, N, L = corners.index.shape
+    rows = B * corners.height * corners.width
+    keys, order = torch.sort(corners.index.reshape(-1))  # (B*4*N*L,)
+    counts = torch.bincount(keys, minlength=rows)
+    starts = (counts.cumsum(0) - counts).to(corners.index_dtype)  # (R,) first sorted sample of each output row
+    source = _pixel_of_slot(B, 4 * N, L, keys.device)[order].to(corners.index_dtype)  # pixel of each sample
+    return [F.embedding_bag(source, x, starts, mode="sum", per_sample_weights=w.reshape(-1)[order].to(x.dtype))
+            for x, w in pairs]
+
+
+class SampledAffinity(torch.autograd.Function):
+    """softmax_n(scale <q_p, K(pos_pn)>)-weighted sum of V(pos_pn) over the N points of each pixel p.
+
+    q (B*L, C), key (R, C), value (R, Cv) as rows, R = B*Hk*Wk; pos (B, 2, N, L) in pixels (y, x).
+    Returns (B*L, Cv). Saved for the backward: the inputs, the corners and the per-point weights
+    (O(B N L) each); no (B, N, C, L) tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, q, key, value, pos, height: int, width: int, scale: float):
+        """See the class docstring."""
+        corners = Corners(pos, height=height, width=width)
+        B, _, N, L = corners.weights.shape
+        w = corners.weights.to(q.dtype)  # (B, 4, N, L)
+        dots = _from_bags(gather_dot(q, key, corners.bag_index), B).view(B, 4, N, L)  # <q_p, key[corner]>
+        attn = ((w * dots).sum(1) * scale).softmax(dim=1)  # (B, N, L): softmax over the N points
+        wv = attn[:, None] * w  # (B, 4, N, L): weight of every value row
+        out = weighted_gather(value, corners.bag_index, _to_bags(wv.view(B, 4 * N, L)))  # (B*L, Cv)
+        ctx.save_for_backward(q, key, value, attn, dots, wv)
+        ctx.corners, ctx.scale, ctx.pos_dtype = corners, scale, pos.dtype
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        """Gradients of q, key, value and pos (not of the integer sizes or the scale)."""
+        q, key, value, attn, dots, wv = ctx.saved_tensors
+        corners, scale = ctx.corners, ctx.scale
+        B, _, N, L = wv.shape
+        w = corners.weights.to(q.dtype)
+        vdots = _from_bags(gather_dot(grad_out, value, corners.bag_index), B).view(B, 4, N, L)  # <g_p, value[c]>
+        d_attn = (w * vdots).sum(1)  # (B, N, L)
+        d_logit = attn * (d_attn - (attn * d_attn).sum(1, keepdim=True)) * scale  # softmax backward, (B, N, L)
+        wk = d_logit[:, None] * w  # (B, 4, N, L): weight of every key row
+        need_q, need_k, need_v, need_pos = ctx.needs_input_grad[:4]
+        dq = weighted_gather(key, corners.bag_index, _to_bags(wk.view(B, 4 * N, L))) if need_q else None
+        dpos = None
+        if need_pos:
+            d_w = attn[:, None] * vdots + d_logit[:, None] * dots  # dL / d weight, (B, 4, N, L)
+            dpos = corners.position_grad(d_w.to(corners.factors.dtype)).to(ctx.pos_dtype)  # (B, 2, N, L)
+        pairs = ([(q, wk)] if need_k else []) + ([(grad_out, wv)] if need_v else [])
+        grads = iter(scatter_corners(corners, pairs) if pairs else [])
+        dk = next(grads) if need_k else None
+        dv = next(grads) if need_v else None
+        return dq, dk, dv, dpos, None, None, None
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B*H*W, C); a free view when x is channels-last."""
+    B, C, H, W = x.shape
+    return x.permute(0, 2, 3, 1).reshape(B * H * W, C)  # (B*H*W, C)
+
+
 def dynamic_affinity(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -69,21 +266,41 @@ def dynamic_affinity(
     *,
     num_points: int,
     scale: float | None = None,
+    impl: str = "gather",
 ) -> torch.Tensor:
     """Affinity-weighted sum of N dynamically sampled values.
 
     query: (B, C, H, W), one query per output location.
-    key, value: (B, C, Hk, Wk) maps sampled at the N positions of every location (same grid as the
-    query when Hk, Wk = H, W).
-    offsets: (B, 2N, H, W) learned offsets in pixels of the key/value map.
+    key, value: (B, C, Hk, Wk) and (B, Cv, Hk, Wk) maps sampled at the N positions of every location
+    (same grid as the query when Hk, Wk = H, W).
+    offsets: (B, 2N, H, W) learned offsets in pixels of the key/value map; half-precision offsets are
+    promoted to float32 (positions of a few hundred pixels need more than bf16's 8 mantissa bits).
     scale: dot-product scale, default 1/sqrt(C) (as in scaled dot-product attention).
-    Returns (B, C, H, W).
+    impl: ``gather`` (fast, default) or ``grid_sample`` (the reference; see the module docstring).
+    Returns (B, Cv, H, W); the gather path returns it with channels-last strides.
     """
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not allowed: expected one of {', '.join(IMPLS)}")
     B, C, H, W = query.shape
-    pos = sample_positions(offsets, num_points)  # (B, N, H, W, 2)
-    k = sample_at(key, pos)  # (B, N, C, H, W)
-    v = sample_at(value, pos)  # (B, N, C, H, W)
+    N = num_points
     s = scale if scale is not None else C ** -0.5
-    logits = (k * query[:, None]).sum(dim=2) * s  # (B, N, H, W)
+    offsets = offsets.to(torch.promote_types(offsets.dtype, torch.float32))
+    if impl == "grid_sample":
+        return _affinity_grid_sample(query, key, value, sample_positions(offsets, N), scale=s)
+    dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+    Hk, Wk = key.shape[-2:]
+    grid = _grid_positions(H, W, N, device=offsets.device, dtype=offsets.dtype)  # (H, W, N, 2)
+    grid = grid.permute(3, 2, 0, 1).reshape(2, N, H * W)  # (2, N, L)
+    pos = (offsets.contiguous().view(B, N, 2, H * W).transpose(1, 2) + grid).contiguous()  # (B, 2, N, L)
+    out = SampledAffinity.apply(_rows(query.to(dtype)), _rows(key.to(dtype)), _rows(value.to(dtype)), pos,
+                                Hk, Wk, s)  # (B*L, Cv)
+    return out.view(B, H, W, -1).permute(0, 3, 1, 2)  # (B, Cv, H, W)
+
+
+def _affinity_grid_sample(query, key, value, pos, *, scale: float) -> torch.Tensor:
+    """Reference: sample (B, N, C, H, W) keys and values with grid_sample, softmax over N, sum."""
+    k = sample_at(key, pos.to(key.dtype))  # (B, N, C, H, W)
+    v = sample_at(value, pos.to(value.dtype))  # (B, N, Cv, H, W)
+    logits = (k * query[:, None]).sum(dim=2) * scale  # (B, N, H, W)
     attn = logits.softmax(dim=1)  # softmax over the N sampled points
-    return (attn[:, :, None] * v).sum(dim=1)  # (B, C, H, W)
+    return (attn[:, :, None] * v).sum(dim=1)  # (B, Cv, H, W)
