@@ -55,22 +55,28 @@ def trial_config(steps: int) -> TrialConfig:
     )
 
 
-def steps_per_second(stamps: list[float], *, warmup: int) -> float:
-    """Throughput from the end-of-step timestamps, counting only the steps after the first ``warmup``."""
+def steps_per_second(stamps: list[tuple[float, float]], *, warmup: int) -> tuple[float, float]:
+    """Throughput per wall second and per process-CPU second from end-of-step (wall, CPU) stamps,
+    counting only the steps after the first ``warmup``."""
     counted = stamps[warmup - 1:] if warmup > 0 else stamps
-    return (len(counted) - 1) / (counted[-1] - counted[0])
+    steps = len(counted) - 1
+    return steps / (counted[-1][0] - counted[0][0]), steps / (counted[-1][1] - counted[0][1])
 
 
-def engine_stamps(cfg: TrialConfig) -> list[float]:
-    """End-of-step timestamps of one ``ddsm.engine.train`` run (via its on_train_step callback)."""
+def _stamp() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def engine_stamps(cfg: TrialConfig) -> list[tuple[float, float]]:
+    """End-of-step (wall, CPU) stamps of one ``ddsm.engine.train`` run (via its on_train_step callback)."""
     from ddsm.engine import Callback, train
 
     class Clock(Callback):
         def __init__(self) -> None:
-            self.stamps: list[float] = []
+            self.stamps: list[tuple[float, float]] = []
 
         def on_train_step(self, step: int, metrics: dict) -> None:
-            self.stamps.append(time.perf_counter())
+            self.stamps.append(_stamp())
 
     clock = Clock()
     with tempfile.TemporaryDirectory() as out_dir:
@@ -78,8 +84,8 @@ def engine_stamps(cfg: TrialConfig) -> list[float]:
     return clock.stamps
 
 
-def plain_loop_stamps(cfg: TrialConfig) -> list[float]:
-    """End-of-step timestamps of a plain PyTorch training loop on the same model, data and optimiser."""
+def plain_loop_stamps(cfg: TrialConfig) -> list[tuple[float, float]]:
+    """End-of-step (wall, CPU) stamps of a plain PyTorch training loop on the same model, data and optimiser."""
     from ddsm.data import build_dataset, dataset_info
 
     torch.manual_seed(cfg.train.seed)
@@ -98,7 +104,7 @@ def plain_loop_stamps(cfg: TrialConfig) -> list[float]:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        stamps.append(time.perf_counter())
+        stamps.append(_stamp())
     return stamps
 
 
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--repeats", type=int, default=8, help="round-robin training steps per model (part 1)")
     parser.add_argument("--steps", type=int, default=8, help="training steps per engine / plain-loop run (part 2)")
     parser.add_argument("--warmup", type=int, default=3, help="first steps of each run left out of the throughput")
-    parser.add_argument("--runs", type=int, default=2, help="engine / plain-loop runs each, alternated")
+    parser.add_argument("--runs", type=int, default=3, help="engine / plain-loop runs each, alternated")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     args = parser.parse_args(argv)
     set_threads(args.threads)
@@ -123,10 +129,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print(f"[bench_train_step] part 2: engine vs plain loop (load average {load_average()})", flush=True)
     cfg = trial_config(args.steps)
     rates: dict[str, list[float]] = {"engine": [], "plain loop": []}
+    cpu_rates: dict[str, list[float]] = {"engine": [], "plain loop": []}
     for _ in range(args.runs):
-        rates["engine"].append(steps_per_second(engine_stamps(cfg), warmup=args.warmup))
-        rates["plain loop"].append(steps_per_second(plain_loop_stamps(cfg), warmup=args.warmup))
+        for name, stamps in (("engine", engine_stamps), ("plain loop", plain_loop_stamps)):
+            wall_rate, cpu_rate = steps_per_second(stamps(cfg), warmup=args.warmup)
+            rates[name].append(wall_rate)
+            cpu_rates[name].append(cpu_rate)
     engine_ratio = statistics.median(rates["engine"]) / statistics.median(rates["plain loop"])
+    engine_cpu_ratio = statistics.median(cpu_rates["engine"]) / statistics.median(cpu_rates["plain loop"])
 
     print(f"\nTraining step, ResNet-18, {SIZE[0]}x{SIZE[1]}, batch {BATCH}, CPU; {describe(info)}; "
           f"{args.repeats} round-robin repeats")
@@ -136,8 +146,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print(f"\nThroughput (steps/s) of ddsm training, {args.steps} steps per run, first {args.warmup} left out, "
           f"{args.runs} runs each")
     print_table([{"loop": n, "steps/s (median)": f"{statistics.median(r):.3f}",
-                  "runs": ", ".join(f"{v:.3f}" for v in r)} for n, r in rates.items()],
-                ["loop", "steps/s (median)", "runs"])
+                  "runs": ", ".join(f"{v:.3f}" for v in r),
+                  "steps/CPU-s (median)": f"{statistics.median(cpu_rates[n]):.3f}"} for n, r in rates.items()],
+                ["loop", "steps/s (median)", "runs", "steps/CPU-s (median)"])
+    print(f"engine / plain loop per CPU second (less sensitive to other jobs): {engine_cpu_ratio:.3f}")
     tgt = [
         {"target": "ddsm / fpn training-step time", "measured": step_ratio, "target_value": STEP_RATIO_TARGET,
          "verdict": verdict(step_ratio, STEP_RATIO_TARGET, at_most=True)},
@@ -151,7 +163,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     payload = {"benchmark": "bench_train_step", "machine": info, "size": SIZE, "batch": BATCH,
                "num_classes": NUM_CLASSES, "ddsm_options": DDSM_OPTIONS, "step_ms": step, "step_times_ms": times,
                "step_ratio_per_round_median": paired,
-               "steps_per_s": rates, "steps": args.steps, "warmup": args.warmup, "targets": tgt}
+               "steps_per_s": rates, "steps_per_cpu_s": cpu_rates, "engine_cpu_ratio": engine_cpu_ratio,
+               "steps": args.steps, "warmup": args.warmup, "targets": tgt}
     print(f"\nwrote {write_results('bench_train_step', payload)}")
     return payload
 
