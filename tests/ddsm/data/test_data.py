@@ -152,7 +152,7 @@ def test_camvid_root_falls_back_to_env_then_shared(tmp_path, monkeypatch):
     assert camvid.resolve_root(None) == tmp_path
     assert camvid.resolve_root("/explicit") == Path("/explicit")
     monkeypatch.delenv("DDSM_CAMVID_ROOT")
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[3]
     assert camvid.resolve_root(None) == (repo / ".." / "shared" / "data" / "camvid").resolve()
 
 
