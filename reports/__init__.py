@@ -3,7 +3,7 @@
 ``reports.load`` defines the frame, ``reports.tables`` and ``reports.stats`` compute numbers,
 ``reports.render`` and ``reports.figures`` turn them into Markdown/LaTeX/CSV and PNG, and
 ``reports.build.write_report`` writes all of it. Nothing here imports MLflow: the MLflow reader is
-``harness/mlflow_store.py``. See ``reports/README.md``.
+``harness/mlflow_io.py``. See ``reports/README.md``.
 """
 from reports.build import write_report
 

@@ -13,7 +13,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from reports.load import bf_metrics, higher_is_better, tolerance_of
+from ddsm.metrics.catalogue import bf_metrics, lookup, tolerance_of
 from reports.render import field_label, metric_label
 from reports.tables import Table
 
@@ -35,11 +35,12 @@ def pareto_front(cost: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
 
 
 def _scale(metric: str) -> float:
-    return 100.0 if higher_is_better(metric) else 1.0
+    info = lookup(metric)
+    return info.scale if info is not None else 1.0
 
 
 def _axis_label(metric: str) -> str:
-    return metric_label(metric) + (" (%)" if higher_is_better(metric) else "")
+    return metric_label(metric) + (" (%)" if _scale(metric) == 100.0 else "")
 
 
 def _new(ncols: int = 1, *, width: float = 5.5, height: float = 4.0) -> tuple[Figure, list]:

@@ -1,7 +1,7 @@
 """The tidy run frame: one row per (run, metric), run fields and config fields as columns.
 
 Everything in ``reports/`` starts from this frame, so a report can be built from any source that can
-fill it (``harness/mlflow_store.py`` reads MLflow; tests build it by hand). Columns:
+fill it (``harness/mlflow_io.py`` reads MLflow; tests build it by hand). Columns:
 
 * run fields (:data:`RUN_COLUMNS`): ``run_id``, ``parent_run_id``, ``experiment_id``, ``experiment``,
   ``run_name``, ``status`` (``FINISHED`` / ``FAILED`` / ``KILLED`` / ``RUNNING`` / ``SCHEDULED``),
@@ -19,17 +19,17 @@ The functions here are pure ``DataFrame -> DataFrame`` transforms; nothing is fo
 from __future__ import annotations
 
 import ast
-import re
 from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
 
 from ddsm.config import ConfigError
+from ddsm.metrics.catalogue import bf_metrics, class_metrics, tolerance_of  # the metric facts live there
 
 __all__ = [
-    "COST_METRICS", "FAILED_STATUSES", "FINISHED", "RUN_COLUMNS", "bf_metrics", "cell_status", "class_metrics",
-    "coerce_param", "config_fields", "finished_values", "higher_is_better", "metric_names", "resolve_baseline",
+    "FAILED_STATUSES", "FINISHED", "RUN_COLUMNS", "bf_metrics", "cell_status", "class_metrics",
+    "coerce_param", "config_fields", "finished_values", "metric_names", "resolve_baseline",
     "runs_frame", "seed_counts", "select_attempts", "tidy_frame", "tolerance_of", "varying_fields", "with_variant",
 ]
 
@@ -38,11 +38,7 @@ RUN_COLUMNS = ["run_id", "parent_run_id", "experiment_id", "experiment", "run_na
                "device", "torch"]
 FINISHED = "FINISHED"
 FAILED_STATUSES = ("FAILED", "KILLED")
-# Lower is better for these; every other metric (accuracy, IoU, boundary F) is higher-is-better.
-COST_METRICS = ("gflops", "params_m", "latency_ms", "train_step_ms", "peak_mem_mb")
 SEED_FIELD = "train.seed"
-
-_BF = re.compile(r"^bf_(?P<tol>\d+(?:\.\d+)?)(?P<unit>px)?$")
 
 
 # ----------------------------------------------------------------------------- building the frame
@@ -124,30 +120,6 @@ def with_variant(df: pd.DataFrame) -> pd.DataFrame:
     return out.assign(variant=out["variant"].where(out["variant"].notna(), out["run_id"].map(derived)))
 
 
-# ----------------------------------------------------------------------------- metrics
-
-
-def higher_is_better(metric: str) -> bool:
-    """False for cost metrics (:data:`COST_METRICS`, ``*_ms``, ``*_mb``), True for everything else."""
-    return not (metric in COST_METRICS or metric.endswith("_ms") or metric.endswith("_mb"))
-
-
-def tolerance_of(metric: str) -> float | None:
-    """``bf_2px`` -> 2.0, ``bf_0.0075`` -> 0.0075 (fraction of the diagonal); None for other metrics."""
-    m = _BF.match(metric)
-    return float(m["tol"]) if m else None
-
-
-def bf_metrics(names: Iterable[str]) -> list[str]:
-    """The boundary-F metrics among ``names``, by increasing tolerance."""
-    return sorted((n for n in names if tolerance_of(n) is not None), key=tolerance_of)
-
-
-def class_metrics(names: Iterable[str]) -> list[str]:
-    """The per-class IoU metrics (``iou_<class>``) among ``names``, order kept."""
-    return [n for n in names if n.startswith("iou_")]
-
-
 # ----------------------------------------------------------------------------- cells and attempts
 
 
@@ -180,7 +152,7 @@ def cell_status(df: pd.DataFrame, *, seeds: Iterable[int] | None = None,
     Args:
         df: the tidy frame.
         seeds: the seeds each variant should have; default: every seed seen in the frame.
-        expected: the planned cells (columns ``variant``, ``seed``), e.g. the parent run's ``cells.json``;
+        expected: the planned cells (columns ``variant``, ``seed``), e.g. the parent run's ``grid.json``;
             a planned variant that never ran is reported as missing.
 
     Returns:

@@ -15,20 +15,15 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from reports.load import higher_is_better, tolerance_of
+from ddsm.metrics.catalogue import lookup
 from reports.tables import Table
 
 __all__ = ["cell_status_markdown", "field_label", "latex_escape", "metric_label", "provenance_lines",
            "seeds_text", "to_csv", "to_latex", "to_markdown"]
 
-METRIC_LABELS = {"miou": "mIoU", "pixel_acc": "Pixel acc.", "mean_acc": "Mean acc.", "biou": "BIoU",
-                 "gflops": "GFLOPs", "params_m": "Params (M)", "latency_ms": "Latency (ms)",
-                 "train_step_ms": "Train step (ms)", "peak_mem_mb": "Memory (MB)"}
 FIELD_LABELS = {"model.name": "Model", "model.branches": "Branches", "model.num_points": "N",
                 "model.backbone": "Backbone", "model.pos_embed": "Pos. embed", "model.fusion": "Fusion",
                 "data.name": "Dataset"}
-COST_DIGITS = {"gflops": 2, "params_m": 2, "latency_ms": 2, "train_step_ms": 1, "peak_mem_mb": 0}
-PERCENT_DIGITS = 2
 PROVENANCE_KEYS = [("spec", "Spec"), ("spec_path", "Spec file"), ("smoke", "SMOKE RUN"),
                    ("experiment", "MLflow experiment"), ("experiment_id", "Experiment id"),
                    ("parent_run_ids", "Parent run(s)"), ("tracking_uri", "Tracking URI"), ("git_sha", "Git SHA"),
@@ -40,13 +35,10 @@ PROVENANCE_KEYS = [("spec", "Spec"), ("spec_path", "Spec file"), ("smoke", "SMOK
 
 
 def metric_label(metric: str) -> str:
-    """``miou`` -> ``mIoU``, ``bf_2px`` -> ``BF@2px``, ``iou_pole`` -> ``pole``, unknown names unchanged."""
-    tol = tolerance_of(metric)
-    if tol is not None:
-        return f"BF@{tol:g}px" if metric.endswith("px") else f"BF@{tol:g}"
-    if metric.startswith("iou_"):
-        return metric[4:]
-    return METRIC_LABELS.get(metric, metric)
+    """``miou`` -> ``mIoU``, ``bf_2px`` -> ``BF@2px``, ``iou_pole`` -> ``pole`` (the catalogue's labels);
+    names not in the catalogue unchanged."""
+    info = lookup(metric)
+    return info.label if info is not None else metric
 
 
 def field_label(field: str) -> str:
@@ -55,11 +47,13 @@ def field_label(field: str) -> str:
 
 
 def _percent(metric: str) -> bool:
-    return higher_is_better(metric)
+    info = lookup(metric)
+    return info is not None and info.unit == "%"
 
 
 def _number(x: float, metric: str, *, signed: bool = False, minus: str = "-") -> str:
-    digits = PERCENT_DIGITS if _percent(metric) else COST_DIGITS.get(metric, 2)
+    info = lookup(metric)
+    digits = info.digits if info is not None else 2
     value = 100 * x if _percent(metric) else x
     return (f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}").replace("-", minus)
 
@@ -230,7 +224,7 @@ def to_latex(table: Table, *, provenance: dict[str, Any] | None = None) -> str:
 
 def to_csv(table: Table, *, provenance: dict[str, Any] | None = None) -> str:
     """Raw numbers, one row per variant: fields, seed counts, then ``<metric>_<stat>`` columns."""
-    stats = ["mean", "std", "n", "delta", "n_pairs", "mean_diff", "p", "ci_low", "ci_high", "significant"]
+    stats = ["mean", "std", "n", "delta", "n_pairs", "mean_diff", "p", "ci_low", "ci_high", "significant", "best"]
     wide = table.cells.pivot(index="variant", columns="metric", values=stats)  # (variants, stats x metrics)
     wide.columns = [f"{m}_{s}" for s, m in wide.columns]
     order = [f"{m}_{s}" for m in table.metrics for s in stats]

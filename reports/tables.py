@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from reports.load import (bf_metrics, cell_status, class_metrics, finished_values, higher_is_better, metric_names,
-                          runs_frame, seed_counts, varying_fields)
+from ddsm.metrics.catalogue import is_accuracy, lookup
+from reports.load import (bf_metrics, cell_status, class_metrics, finished_values, metric_names, runs_frame,
+                          seed_counts, varying_fields)
 from reports.stats import method_note, paired_test
 
 __all__ = ["MAIN_METRICS", "Table", "axis_tables", "compare", "main_table", "per_class_tables", "row_info",
-           "significance_table"]
+           "seed_stats", "significance_table"]
 
 CELL_COLUMNS = ["variant", "metric", "mean", "std", "n", "delta", "tested", "n_pairs", "mean_diff", "p", "ci_low",
                 "ci_high", "testable", "significant", "best"]
@@ -73,7 +74,7 @@ def compare(values: pd.DataFrame, *, metrics: list[str], reference: str | None, 
             (:func:`reports.load.finished_values`).
         metrics: the metric columns to summarise.
         reference: the variant deltas and tests are against; None for no deltas.
-        method, alpha: see :func:`reports.stats.paired_test`; only higher-is-better metrics are tested.
+        method, alpha: see :func:`reports.stats.paired_test`; only accuracy metrics are tested.
         variants: rows to produce (default: those in ``values``); a variant without finished runs gets
             missing numbers.
 
@@ -81,15 +82,10 @@ def compare(values: pd.DataFrame, *, metrics: list[str], reference: str | None, 
         columns ``variant``, ``metric``, ``mean``, ``std``, ``n``, ``delta``, ``tested``, ``n_pairs``,
         ``mean_diff``, ``p``, ``ci_low``, ``ci_high``, ``testable``, ``significant``, ``best``.
     """
-    variants = variants if variants is not None else list(pd.unique(values["variant"]))
     if not metrics:  # nothing finished logged a metric
         return pd.DataFrame(columns=CELL_COLUMNS)
-    # one row per (variant, seed, metric) with a value
-    long = (values.melt(id_vars=["variant", "seed"], value_vars=metrics, var_name="metric")
-            .dropna(subset=["value"]))
-    grid = pd.MultiIndex.from_product([variants, metrics], names=["variant", "metric"])
-    summary = (long.groupby(["variant", "metric"])["value"].agg(mean="mean", std="std", n="count")
-               .reindex(grid).fillna({"n": 0}).astype({"mean": float, "std": float, "n": int}).reset_index())
+    long = _long(values, metrics)
+    summary = seed_stats(values, metrics=metrics, variants=variants)
     ref_mean = summary[summary["variant"].eq(reference)].set_index("metric")["mean"]
     ref = summary["metric"].map(ref_mean).astype(float)
     summary["delta"] = (summary["mean"] - ref).where(summary["variant"].ne(reference))
@@ -98,9 +94,30 @@ def compare(values: pd.DataFrame, *, metrics: list[str], reference: str | None, 
     return summary.join(tests).pipe(_mark_best)
 
 
+def _long(values: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """One row per (variant, seed, metric) with a value."""
+    return (values.melt(id_vars=["variant", "seed"], value_vars=metrics, var_name="metric")
+            .dropna(subset=["value"]))
+
+
+def seed_stats(values: pd.DataFrame, *, metrics: list[str], variants: list[str] | None = None) -> pd.DataFrame:
+    """Per (variant, metric): ``mean``, ``std`` (ddof=1; nan with one seed) and ``n`` over the seeds in ``values``.
+
+    Args:
+        values: columns ``variant``, ``seed`` and one per metric (:func:`reports.load.finished_values`).
+        metrics: the metric columns to summarise.
+        variants: rows to produce, in order (default: those in ``values``); one without values gets
+            ``n`` 0 and missing numbers.
+    """
+    variants = variants if variants is not None else list(pd.unique(values["variant"]))
+    grid = pd.MultiIndex.from_product([variants, metrics], names=["variant", "metric"])
+    return (_long(values, metrics).groupby(["variant", "metric"])["value"].agg(mean="mean", std="std", n="count")
+            .reindex(grid).fillna({"n": 0}).astype({"mean": float, "std": float, "n": int}).reset_index())
+
+
 def _test(long: pd.DataFrame, variant: str, metric: str, reference: str | None, method: str, alpha: float) -> dict:
-    """The paired test of one cell; ``tested`` is False for the reference row and cost metrics."""
-    if reference is None or variant == reference or not higher_is_better(metric):
+    """The paired test of one cell; ``tested`` is False for the reference row and non-accuracy metrics."""
+    if reference is None or variant == reference or not is_accuracy(metric):
         return {"tested": False, "n_pairs": 0, "mean_diff": np.nan, "p": np.nan, "ci_low": np.nan,
                 "ci_high": np.nan, "testable": False, "significant": False}
     per_seed = long[long["metric"].eq(metric)].set_index("seed")
@@ -110,9 +127,16 @@ def _test(long: pd.DataFrame, variant: str, metric: str, reference: str | None, 
             "ci_high": r.ci_high, "testable": r.testable, "significant": r.significant}
 
 
+def _direction(metric: str) -> float:
+    """+1 higher is better, -1 lower is better, nan: a metric with no direction (never best)."""
+    info = lookup(metric)
+    return np.nan if info is None else 1.0 if info.higher_is_better else -1.0
+
+
 def _mark_best(cells: pd.DataFrame) -> pd.DataFrame:
-    """``best``: the highest mean (lowest for cost metrics) of each metric; ties are all best."""
-    sign = cells["metric"].map(lambda m: 1.0 if higher_is_better(m) else -1.0).astype(float)
+    """``best``: the highest mean (lowest for cost metrics, see :mod:`ddsm.metrics.catalogue`) of each metric;
+    ties are all best; metrics the catalogue has no direction for (``step``, ...) have none."""
+    sign = cells["metric"].map(_direction).astype(float)
     score = cells["mean"] * sign
     top = score.groupby(cells["metric"]).transform("max")
     return cells.assign(best=np.isclose(score, top, rtol=1e-9, atol=0.0) & score.notna())
@@ -205,7 +229,7 @@ def per_class_tables(df: pd.DataFrame, *, reference: str, method: str = "ttest",
 def significance_table(df: pd.DataFrame, *, reference: str, metrics: list[str] | None = None,
                        method: str = "ttest", alpha: float = 0.05, status: pd.DataFrame | None = None) -> Table:
     """Every variant vs ``reference`` on the accuracy metrics: mean paired difference, p (or interval), pairs."""
-    metrics = [m for m in (metrics or default_metrics(metric_names(df))) if higher_is_better(m)]
+    metrics = [m for m in (metrics or default_metrics(metric_names(df))) if is_accuracy(m)]
     rows = row_info(df, fields=[], status=status)
     variants = [v for v in rows.index if v != reference]
     cells = compare(finished_values(df, metrics), metrics=metrics, reference=reference, method=method,

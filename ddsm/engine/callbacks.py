@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from ddsm.metrics.catalogue import ACCURACY, bf_metrics
+
 __all__ = ["Callback", "CallbackList", "ConsoleLogger", "JsonlLogger", "scalar_metrics"]
 
 
@@ -86,7 +88,7 @@ class ConsoleLogger(Callback):
 
     def on_eval(self, step: int, metrics: dict) -> None:
         """``val @ 200  miou 0.4321  pixel_acc 0.8765  ...``."""
-        keys = ["miou", "pixel_acc", "mean_acc", "biou", *[k for k in metrics if k.startswith("bf_")]]
+        keys = [*(m.name for m in ACCURACY), *bf_metrics(metrics)]
         text = "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if _is_number(metrics.get(k)))
         self._print(f"val @ {step}  {text}")
 

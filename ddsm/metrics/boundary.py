@@ -35,6 +35,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
 from ddsm.config import ConfigError
+from ddsm.metrics.catalogue import bf_key
 
 __all__ = ["seg2bmap", "tolerance_to_px", "boundary_fscore", "BoundaryFScore", "BoundaryIoU"]
 
@@ -152,9 +153,9 @@ class BoundaryFScore:
             lo, hi = int(self.px_min[t]), int(self.px_max[t])
             if tol >= 1 or lo == hi:
                 radius: int | float = int(tol) if tol >= 1 else lo
-                key, px = f"bf_{radius}px", radius
+                key, px = bf_key(tol, radius=int(radius)), radius
             else:  # radius varies with image size (or no image seen yet): key by the fraction
-                radius, key, px = tol, f"bf_{tol:g}", [lo, hi] if lo <= hi else None
+                radius, key, px = tol, bf_key(tol), [lo, hi] if lo <= hi else None
             scores = per_class[t]  # (K,)
             means[key] = float(np.nanmean(scores)) if np.isfinite(scores).any() else math.nan
             by_radius[radius] = scores.tolist()
