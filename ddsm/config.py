@@ -237,17 +237,6 @@ def set_in(d: dict, keys: list[str], value: Any) -> None:
     d[keys[-1]] = value
 
 
-def deep_merge(base: dict, over: dict) -> dict:
-    """Recursively merge ``over`` into a copy of ``base``."""
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrialConfig:
     """Load a YAML trial config, apply ``key=value`` overrides, validate."""
     d: dict = {}
