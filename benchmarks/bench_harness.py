@@ -6,11 +6,11 @@ Both sides are subprocesses started the way a user would start them, and both do
   N=9) x seeds 0, 1 on 64x64 synthetic scenes, ``--steps`` steps each, ``resources.cpus`` CPUs per
   trial), run as ``ddsm-bench run SPEC --out DIR --max-concurrent 1``: Ray start, one fresh worker
   per trial, MLflow logging, the live progress, the end-of-grid comparison and report are included;
-- back to back: each cell's resolved config (``harness.spec.expand`` -> ``ddsm.config.save_config``)
+- back to back: each cell's resolved config (``harness.cells.expand`` -> ``ddsm.config.save_config``)
   run as ``ddsm-bench train CELL.yaml --out DIR``, one after the other.
 
 Threads: a grid trial runs with ``torch.set_num_threads(int(resources.cpus))`` (``_single_task`` in
-harness/ray_runner.py); the train side gets the same through ``OMP_NUM_THREADS`` = ``MKL_NUM_THREADS``
+harness/ray_backend.py); the train side gets the same through ``OMP_NUM_THREADS`` = ``MKL_NUM_THREADS``
 = cpus (set for both sides). The engine writes config.yaml first and metrics.json last in each cell
 folder on both sides, so the engine's own time per cell is known on both; equal configs are checked
 byte for byte, and the training-loop times (``train_time_s``) show whether both sides got the same CPU.
@@ -79,7 +79,8 @@ def spec_dict(*, steps: int, cpus: float) -> dict:
 def write_cells(spec_path: Path, folder: Path) -> list[dict]:
     """Expand the spec and save each cell's resolved config as ``folder/<hash>.yaml``; return name/hash/path."""
     from ddsm.config import save_config
-    from harness.spec import expand, load_spec
+    from harness.cells import expand
+    from harness.spec import load_spec
 
     cells = []
     for cell in expand(load_spec(spec_path)):
@@ -192,34 +193,35 @@ T = {}
 def lap(name, t0):
     T[name] = time.perf_counter() - t0
 t = time.perf_counter(); import torch, torchvision, ddsm.models, harness.spec; lap("import torch, torchvision, ddsm", t)
-t = time.perf_counter(); import ray, harness.ray_runner as rr; lap("import ray", t)
-t = time.perf_counter(); import harness.tracking, harness.progress; lap("import mlflow, rich", t)
-t = time.perf_counter(); rr.connect(None); lap("ray.init (local instance)", t)
+t = time.perf_counter(); import ray, harness.ray_backend as rb, harness.session as rs; lap("import ray", t)
+t = time.perf_counter(); import harness.mlflow_io, harness.console; lap("import mlflow, rich", t)
+t = time.perf_counter(); rb.connect(None); lap("ray.init (local instance)", t)
 @ray.remote(max_calls=1)
 def bare():
     return 0
 @ray.remote(max_calls=1)
 def heavy():
-    import torch, ddsm.engine, harness.ray_runner
+    import torch, ddsm.engine, harness.ray_backend
     return 0
 t = time.perf_counter(); ray.get(bare.remote()); lap("Ray task in a fresh worker, no imports", t)
 t = time.perf_counter(); ray.get(heavy.remote()); lap("Ray task in a fresh worker importing torch, ddsm.engine", t)
 t = time.perf_counter(); ray.shutdown(); lap("ray.shutdown", t)
-t = time.perf_counter(); rr.git_sha(); lap("git describe (tag of every run)", t)
+t = time.perf_counter(); rs.git_sha(); lap("git describe (tag of every run)", t)
 from ddsm.config import to_dict
-from harness.spec import expand, flatten, load_spec
+from harness.cells import expand
+from harness.spec import flatten, load_spec
 cell = expand(load_spec(spec_path))[-1]
 t = time.perf_counter()
-tracker = harness.tracking.Tracker(tracking_uri=f"sqlite:///{scratch / 'mlflow.db'}", experiment="stages",
+tracker = harness.mlflow_io.MlflowRecorder(tracking_uri=f"sqlite:///{scratch / 'mlflow.db'}", experiment="stages",
                                    artifact_root=scratch / "mlartifacts")
 lap("MLflow: new sqlite store + experiment", t)
-t = time.perf_counter(); parent = tracker.start_grid(grid_hash="x", name="x", tags={"a": 1}, params={"b": 2})
+t = time.perf_counter(); parent = tracker.start_parent(key="x", name="x", tags={"a": 1}, params={"b": 2})
 lap("MLflow: grid run", t)
 t = time.perf_counter()
-run = tracker.start_cell(name=cell.name, parent_id=parent, cell_hash=cell.hash, params=flatten(to_dict(cell.config)),
+run = tracker.start_run(name=cell.name, parent_id=parent, cell_hash=cell.hash, params=flatten(to_dict(cell.config)),
                          tags={"seed": cell.seed})
 lap("MLflow: open one cell run (params, tags)", t)
-from harness.mlflow_store import write_report_from_mlflow  # imports pandas, matplotlib when called
+from harness.mlflow_io import write_report_from_mlflow  # imports pandas, matplotlib when called
 t = time.perf_counter()
 write_report_from_mlflow(f"sqlite:///{grid_out / 'mlflow.db'}", parent_run_id=grid_run, out_dir=scratch / "report",
                          baseline="fpn")

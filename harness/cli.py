@@ -1,38 +1,55 @@
 """The ``ddsm-bench`` console script.
 
-Each subcommand lives in its own module ``harness/cmd_<name>.py`` exposing
-``register(subparsers)``; heavy imports (torch, ray, mlflow, optuna) happen inside the handlers so
-``ddsm-bench --help`` stays fast. Bad input (a :class:`ddsm.config.ConfigError`) exits 2 with one
-readable line, never a traceback.
+Each subcommand lives in its own module ``harness/cmd_<name>.py`` exposing ``register(subparsers)``;
+they are imported explicitly (a broken command fails loudly instead of vanishing from ``--help``) and
+keep their heavy imports (torch, ray, mlflow, optuna) inside the handlers, so ``ddsm-bench --help``
+stays fast. Bad input (a :class:`ddsm.config.ConfigError`) exits 2 with one readable line, never a
+traceback; Ctrl-C outside a grid or study loop exits 130.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from ddsm.config import ConfigError
+from harness import cmd_evaluate, cmd_models, cmd_profile, cmd_report, cmd_run, cmd_train, cmd_tune
 
 # Order here is the order in `ddsm-bench --help`.
-COMMANDS = ["models", "train", "evaluate", "profile", "run", "tune", "report"]
+COMMANDS = (cmd_models, cmd_train, cmd_evaluate, cmd_profile, cmd_run, cmd_tune, cmd_report)
 
 
 class UsageError(ConfigError):
     """A CLI argument is invalid; printed as one line, exit code 2."""
 
 
+def add_cluster_args(p: argparse.ArgumentParser, *, what: str) -> None:
+    """The options ``run`` and ``tune`` share: --out, --address, --tracking-uri, --max-concurrent, --smoke.
+
+    ``what`` names the thing being run in the help ("grid", "study").
+    """
+    again = "resume" if what == "grid" else "continue"
+    p.add_argument("--out", default=None, help=f"output folder (default runs/<spec name>); re-use it to {again}")
+    p.add_argument("--address", default=None, help="Ray cluster to join, e.g. auto or ray://head:10001 "
+                   "(default: start a local Ray instance)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///<out>/mlflow.db)")
+    default = "search.concurrency, else what the cluster fits" if what == "study" else \
+        "as many as the cluster's resources allow"
+    p.add_argument("--max-concurrent", type=int, default=None, help=f"trials in flight at once (default: {default})")
+
+
+def check_positive(**options: int | None) -> None:
+    """Raise UsageError for an integer option given below 1 (``max_concurrent=0`` -> ``--max-concurrent=0``)."""
+    for name, value in options.items():
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')}={value} is not allowed: expected an integer >= 1")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with every subcommand whose module exists."""
+    """The top-level parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="ddsm-bench", description="DDSM benchmarking and ablation harness")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"harness.cmd_{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"harness.cmd_{name}":
-                continue  # subcommand not part of this build
-            raise
+    for module in COMMANDS:
         module.register(sub)
     return parser
 

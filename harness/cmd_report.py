@@ -4,7 +4,8 @@
     ddsm-bench report --run <parent run id> --tracking-uri runs/quickstart/mlflow.db --out out/report
 
 The tracking URI defaults to ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the current
-directory; a missing SQLite file, an unknown experiment or run exits 2 with one line.
+directory; a path to a ``.db`` file or to a grid's ``--out`` folder reads that SQLite store. A missing
+SQLite file, an unknown experiment or run exits 2 with one line.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="MLflow experiment (the spec name): every grid launch in it")
     which.add_argument("--run", metavar="PARENT_ID", help="one grid's parent run id: only its cells")
     p.add_argument("--tracking-uri", default=None, metavar="URI",
-                   help="MLflow tracking URI or path to mlflow.db (default: $MLFLOW_TRACKING_URI, else "
-                        "sqlite:///mlflow.db in the current directory)")
+                   help="MLflow tracking URI, path to mlflow.db or a grid's out folder (default: "
+                        "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the current directory)")
     p.add_argument("--out", required=True, type=Path, help="output directory (created; files are overwritten)")
     p.add_argument("--baseline", default=None, metavar="NAME",
                    help="variant that deltas are taken against (default: the spec's baseline)")
@@ -33,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the runs, write the report, print where it went."""
-    from harness.mlflow_store import write_report_from_mlflow
+    from harness.mlflow_io import write_report_from_mlflow
 
     written = write_report_from_mlflow(args.tracking_uri, experiment=args.experiment, parent_run_id=args.run,
                                        out_dir=args.out, baseline=args.baseline, method=args.method,

@@ -31,3 +31,30 @@ def test_importing_every_ddsm_module_loads_none_of_them():
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+ADAPTERS = {"ray": "harness/ray_backend.py", "mlflow": "harness/mlflow_io.py", "optuna": "harness/optuna_study.py"}
+
+
+def _imports(path: Path) -> set[str]:
+    """Top-level packages a module imports (import, from-import, importlib.import_module / __import__ of a literal)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", ""))
+              in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant)):
+            found.add(str(node.args[0].value).split(".")[0])
+    return found
+
+
+def test_each_external_system_has_exactly_one_adapter_module():
+    """ray, mlflow and optuna are each imported by one module under harness/, and never by ddsm/ or reports/."""
+    users: dict[str, list[str]] = {name: [] for name in ADAPTERS}
+    for package in ("harness", "ddsm", "reports"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for name in _imports(path) & set(ADAPTERS):
+                users[name].append(str(path.relative_to(ROOT)))
+    assert users == {name: [module] for name, module in ADAPTERS.items()}

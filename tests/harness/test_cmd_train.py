@@ -8,13 +8,16 @@ import pytest
 
 from harness.cli import main
 
-TINY = ["data.name=synthetic", "data.num_images=8", "data.image_size=[64,64]", "data.crop_size=[64,64]",
-        "data.batch_size=2", "model.name=fpn", "model.backbone=resnet18", "train.steps=3", "train.log_every=1",
-        "train.device=cpu", "eval.tolerances=[1,2]"]
+from tests.conftest import TINY_BASE
+
+TINY = {**TINY_BASE, "train": {**TINY_BASE["train"], "steps": 3}}  # the shared tiny trial, 3 steps
 
 
-def _sets(items: list[str]) -> list[str]:
-    return [arg for item in items for arg in ("--set", item)]
+def _sets(cfg: dict) -> list[str]:
+    """``--set key=value`` arguments for every field of a (nested) config dict."""
+    from harness.spec import flatten
+
+    return [arg for key, value in flatten(cfg).items() for arg in ("--set", f"{key}={json.dumps(value)}")]
 
 
 def _one_error_line(capsys: pytest.CaptureFixture) -> str:

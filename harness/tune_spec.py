@@ -1,6 +1,7 @@
-"""Tune specs: a run spec (``base``, ``resources``, ``seeds``, ``smoke``) plus a ``search`` section.
+"""Tune specs: one configuration to start from (``base``, at most one baseline, one seed) plus a ``search``.
 
-The ``search`` section (see ``ablations/tune_*.yaml``)::
+The keys of a run spec (:mod:`harness.spec`) except ``axes`` and ``cells``, and a ``search`` section
+(see ``ablations/tune_*.yaml``)::
 
     search:
       params:                                   # dotted TrialConfig fields
@@ -23,54 +24,45 @@ The ``search`` section (see ``ablations/tune_*.yaml``)::
 
 A parameter is a range (``int``/``float``, optional ``log: true`` or ``step``) or ``categorical``
 ``choices``; ``when: {parent: [values]}`` samples it only when the (categorical) parent took one of
-those values, otherwise the base value stays. Objectives are final metrics: validation ones
-(:data:`EVAL_METRICS`, ``bf_<r>px``; these can be pruned on) and cost ones (:data:`COST_METRICS`).
-Sampler and pruner options are passed to Optuna's classes and checked against their signatures.
+those values, otherwise the base value stays. Objectives are final metrics of the catalogue
+(:mod:`ddsm.metrics.catalogue`): accuracy ones are reported at every validation, so they can be
+pruned on; cost ones only at the end. Sampler and pruner options are passed to Optuna's classes and
+checked against their signatures (:mod:`harness.optuna_study`).
 
 Everything wrong in a spec is collected and raised at once as a :class:`harness.spec.SpecError`
-(a ConfigError: ``ddsm-bench`` exits 2), one line per problem, before anything runs. A tune spec
-has one configuration to start from (``base`` and at most one baseline) and one training seed;
-``axes``/``cells`` belong to grids and are rejected.
+(a ConfigError: ``ddsm-bench`` exits 2), one line per problem, before anything runs.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import hashlib
-import inspect
 import json
 import re
 import types
 import typing
-import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ddsm.config import ConfigError, TrialConfig
-from harness.spec import GridSpec, SpecError, flatten, parse_spec, resolve_config
+from ddsm.metrics.catalogue import is_accuracy, metric_names
+from harness import optuna_study
+from harness.spec import (SMOKE_OVERRIDES, SPEC_KEYS, Mode, Resources, SpecError, baselines_section, field_type,
+                          flatten, parse_common, read_spec_file, resolve_config, seed_list, trial_resources, typed,
+                          yaml_number)
 
-__all__ = [
-    "COST_METRICS", "EVAL_METRICS", "Objective", "Param", "SearchSpace", "TuneSpec", "TUNE_SMOKE_OVERRIDES",
-    "build_pruner", "build_sampler", "known_metrics", "load_tune_spec", "parse_search", "parse_tune_spec",
-    "resolve_trial_config", "trial_overrides",
-]
+__all__ = ["Objective", "Param", "SearchSpace", "TUNE_SMOKE_OVERRIDES", "TuneSpec", "load_tune_spec",
+           "parse_search", "parse_tune_spec"]
 
-# Reported by every validation (so usable for pruning) and in the final metrics.
-EVAL_METRICS = ("miou", "pixel_acc", "mean_acc", "biou")
-# Only in the final metrics (ddsm.profile.trial_cost and the engine), so never prunable.
-COST_METRICS = ("gflops", "gmacs", "params_m", "latency_ms", "train_step_ms", "peak_mem_mb", "train_peak_mem_mb",
-                "train_time_s")
+TUNE_KEYS = (*(k for k in SPEC_KEYS if k not in ("axes", "cells")), "search")
 DIRECTIONS = {"maximize": "maximize", "maximise": "maximize", "max": "maximize",
               "minimize": "minimize", "minimise": "minimize", "min": "minimize"}
 PARAM_TYPES = ("int", "float", "categorical")
 PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "when")
 SEARCH_KEYS = ("params", "objectives", "n_trials", "smoke_trials", "concurrency", "pruning", "pruner", "sampler",
                "storage", "study_name", "enqueue", "confirm_seeds", "confirm_overrides")
-SAMPLERS = ("tpe", "nsga2", "random")
-PRUNERS = ("successive_halving", "median", "percentile", "hyperband")
 # --smoke in a study: 4 steps with a validation at step 2, so pruning has a rung to act on.
 TUNE_SMOKE_OVERRIDES: dict[str, Any] = {"train.steps": 4, "train.val_every": 2}
 
@@ -88,16 +80,6 @@ class Param:
     choices: tuple = ()
     when: tuple[tuple[str, tuple], ...] = ()  # (parent param, allowed values): sampled only if all hold
 
-    def distribution(self) -> Any:
-        """The equivalent ``optuna.distributions`` object."""
-        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-        if self.type == "categorical":
-            return CategoricalDistribution(list(self.choices))
-        if self.type == "int":
-            return IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
-        return FloatDistribution(float(self.low), float(self.high), log=self.log, step=self.step)
-
     def active(self, values: dict[str, Any]) -> bool:
         """Whether every ``when`` condition holds for the parent values sampled so far."""
         return all(parent in values and values[parent] in allowed for parent, allowed in self.when)
@@ -108,6 +90,15 @@ class Param:
             return value in self.choices
         ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
         return ok_type and self.low <= value <= self.high and (self.type == "float" or float(value).is_integer())
+
+    def describe(self) -> str:
+        """``float[0.001, 0.1] log``, ``categorical[1, 4, 9] when {...}`` (logged as a param of the study)."""
+        if self.type == "categorical":
+            text = f"categorical{list(self.choices)}"
+        else:
+            text = f"{self.type}[{self.low}, {self.high}]" + (" log" if self.log else "") + \
+                (f" step {self.step}" if self.step else "")
+        return text + (f" when {dict(self.when)}" if self.when else "")
 
 
 @dataclass(frozen=True)
@@ -174,40 +165,77 @@ class SearchSpace:
 
 @dataclass
 class TuneSpec:
-    """A tune spec: the run-spec part (base config, resources, seed, smoke) and the search space."""
+    """A validated tune spec: the configuration trials start from, how they run, and the search."""
 
-    grid: GridSpec
+    name: str  # the MLflow experiment and the default study name
+    base: dict[str, Any]  # a TrialConfig dict
     search: SearchSpace
+    overrides: dict[str, Any] = field(default_factory=dict)  # of the spec's one baseline (if it has one)
+    seed: int = 0  # every trial's train.seed
+    resources: Resources = field(default_factory=Resources)
+    max_failures: int = 1  # kept for the exported best spec
+    retry_on: list[str] = field(default_factory=lambda: ["oom", "error", "killed"])
+    smoke: dict[str, Any] = field(default_factory=dict)  # dotted overrides applied by --smoke
+    smoke_resources: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    source: str = "<dict>"
+    mode: Mode = field(default_factory=Mode)
+
+    def with_mode(self, *, smoke: bool | None = None, check_paths: bool | None = None) -> TuneSpec:
+        """This spec run another way (None keeps the current setting)."""
+        return dataclasses.replace(self, mode=Mode(smoke=self.mode.smoke if smoke is None else smoke,
+                                                   check_paths=self.mode.check_paths if check_paths is None
+                                                   else check_paths))
 
     @property
-    def name(self) -> str:
-        """The spec name (MLflow experiment and default study name)."""
-        return self.grid.name
+    def experiment(self) -> str:
+        """The MLflow experiment: the name, ``-smoke`` appended under --smoke."""
+        return self.name + ("-smoke" if self.mode.smoke else "")
 
     @property
-    def source(self) -> str:
-        """Where the spec came from."""
-        return self.grid.source
+    def study_name(self) -> str:
+        """``search.study_name`` (default the spec name), ``-smoke`` appended under --smoke."""
+        return (self.search.study_name or self.name) + ("-smoke" if self.mode.smoke else "")
+
+    @property
+    def trial_resources(self) -> Resources:
+        """The per-trial resources, with ``smoke.resources`` applied under --smoke."""
+        return trial_resources(self.resources, self.smoke_resources, self.mode)
+
+    def budget(self, n_trials: int | None = None) -> int:
+        """Trials that must reach a verdict: ``n_trials``, else ``search.smoke_trials`` under --smoke, else
+        ``search.n_trials``."""
+        return n_trials or (self.search.smoke_trials if self.mode.smoke else self.search.n_trials)
+
+    def trial_overrides(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Dotted overrides of one trial: the baseline's overrides, then the sampled parameters."""
+        return {**self.overrides, **params}
+
+    def trial_config(self, params: dict[str, Any]) -> TrialConfig:
+        """The validated TrialConfig of a trial with ``params`` (ConfigError if it cannot run).
+
+        Under --smoke: :data:`harness.spec.SMOKE_OVERRIDES`, then :data:`TUNE_SMOKE_OVERRIDES`, then the
+        spec's own ``smoke`` section.
+        """
+        final = {**SMOKE_OVERRIDES, **TUNE_SMOKE_OVERRIDES, **self.smoke} if self.mode.smoke else {}
+        return resolve_config(self.base, self.trial_overrides(params), seed=self.seed, final=final, mode=self.mode)
+
+    @cached_property
+    def base_config(self) -> TrialConfig:
+        """The config of a trial that samples nothing (the start of the search)."""
+        return self.trial_config({})
 
 
 # ----------------------------------------------------------------------------- loading
 
 
-def load_tune_spec(path: str | Path) -> TuneSpec:
-    """Read and validate a tune spec file; raise SpecError (exit 2) listing every problem."""
-    p = Path(path)
-    if not p.is_file():
-        raise SpecError(str(p), [f"spec file {str(p)!r} does not exist"])
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise SpecError(str(p), [f"not valid YAML: {str(e).splitlines()[0]}"]) from None
-    if isinstance(raw, dict) and not raw.get("name"):
-        raw = {**raw, "name": p.stem}
-    return parse_tune_spec(raw, source=str(p))
+def load_tune_spec(path: str | Path, *, smoke: bool = False, check_paths: bool = True) -> TuneSpec:
+    """Read and validate a tune spec file (run in ``smoke``/``check_paths`` mode); raise SpecError (exit 2)."""
+    raw, source = read_spec_file(path)
+    return parse_tune_spec(raw, source=source, smoke=smoke, check_paths=check_paths)
 
 
-def parse_tune_spec(raw: Any, *, source: str = "<dict>") -> TuneSpec:
+def parse_tune_spec(raw: Any, *, source: str = "<dict>", smoke: bool = False, check_paths: bool = True) -> TuneSpec:
     """Build a TuneSpec from a YAML-loaded dict; raise SpecError listing every problem."""
     if not isinstance(raw, dict):
         raise SpecError(source, [f"the spec must be a mapping with a `search` section, got {raw!r}"])
@@ -217,51 +245,40 @@ def parse_tune_spec(raw: Any, *, source: str = "<dict>") -> TuneSpec:
     for key in ("axes", "cells"):
         if raw.pop(key, None) is not None:
             problems.append(f"{key} is not allowed in a tune spec: list the values to search under search.params")
-    raw.setdefault("baselines", [{"name": "base"}])
-    grid: GridSpec | None = None
-    try:
-        grid = parse_spec(raw, source=source)
-    except SpecError as e:
-        problems.extend(e.problems)
-    if grid is not None:
-        if len(grid.baselines) > 1:
-            problems.append(f"baselines: a tune spec starts from one configuration, got {len(grid.baselines)} "
-                            "baselines: keep one (or search over the field that differs)")
-        if len(grid.seeds) > 1:
-            problems.append(f"seeds={grid.seeds!r} is not allowed: a study trains each trial with one seed; "
-                            "give one (the exported best spec confirms with search.confirm_seeds)")
-    search = parse_search(search_raw, grid=grid, problems=problems)
+    for key in raw:
+        if key not in TUNE_KEYS:
+            problems.append(f"unknown key {key!r}; allowed keys: {', '.join(TUNE_KEYS)}")
+    n_before = len(problems)
+    common = parse_common(raw, source=source, problems=problems)
+    baselines = baselines_section(raw["baselines"], problems, allow_axes=False) if "baselines" in raw else []
+    names = [b.name for b in baselines] or ["base"]
+    reference = typed(raw, "baseline", str, names[0], problems)
+    if reference not in names:
+        problems.append(f"baseline={reference!r} is not a baseline name: expected one of {', '.join(names)}")
+    parsed = len(problems) == n_before
+    if len(baselines) > 1:
+        problems.append(f"baselines: a tune spec starts from one configuration, got {len(baselines)} "
+                        "baselines: keep one (or search over the field that differs)")
+    seeds = common.pop("seeds")
+    if len(seeds) > 1:
+        problems.append(f"seeds={seeds!r} is not allowed: a study trains each trial with one seed; "
+                        "give one (the exported best spec confirms with search.confirm_seeds)")
+    start = TuneSpec(**common, search=SearchSpace(params=[], objectives=[]), seed=seeds[0], source=source,
+                     overrides=baselines[0].overrides if baselines else {})
+    search = parse_search(search_raw, start=start if parsed else None, problems=problems)
     if problems:
         raise SpecError(source, problems)
-    assert grid is not None and search is not None  # noqa: S101 - no problems means both parsed
-    return TuneSpec(grid=grid, search=search)
-
-
-def trial_overrides(spec: TuneSpec, params: dict[str, Any]) -> dict[str, Any]:
-    """Dotted overrides of one trial: the baseline's overrides, then the sampled parameters."""
-    return {**spec.grid.baselines[0].overrides, **params}
-
-
-def resolve_trial_config(spec: TuneSpec, params: dict[str, Any], *, smoke: bool = False,
-                         check_paths: bool = True) -> TrialConfig:
-    """The validated TrialConfig of a trial with ``params`` (raise ConfigError if it cannot run).
-
-    Under ``smoke``: :data:`harness.spec.SMOKE_OVERRIDES`, then :data:`TUNE_SMOKE_OVERRIDES`, then the
-    spec's own ``smoke`` section.
-    """
-    grid = dataclasses.replace(spec.grid, smoke={**TUNE_SMOKE_OVERRIDES, **spec.grid.smoke})
-    return resolve_config(grid, trial_overrides(spec, params), seed=grid.seeds[0], smoke=smoke,
-                          check_paths=check_paths)
+    return dataclasses.replace(start, search=search, mode=Mode(smoke=smoke, check_paths=check_paths))
 
 
 # ----------------------------------------------------------------------------- the search section
 
 
-def parse_search(raw: Any, *, grid: GridSpec | None, problems: list[str]) -> SearchSpace | None:
+def parse_search(raw: Any, *, start: TuneSpec | None, problems: list[str]) -> SearchSpace | None:
     """Validate the ``search`` section, appending one line per problem; None when it cannot be built.
 
-    ``grid`` (the parsed run-spec part, None if it had problems) is used to check every range bound and
-    choice against the base config and to find the objective metrics the run will report.
+    ``start`` (the spec without its search, None if it had problems) is used to check every range bound
+    and choice against the base config and to find the objective metrics the trials will report.
     """
     if not isinstance(raw, dict):
         problems.append(f"search={raw!r} is not allowed: expected a mapping with params and objectives "
@@ -277,49 +294,35 @@ def parse_search(raw: Any, *, grid: GridSpec | None, problems: list[str]) -> Sea
     smoke_trials = _int(raw, "smoke_trials", min(n_trials, 4), 1, problems)
     concurrency = _int(raw, "concurrency", None, 1, problems)
     pruning = _pruning(raw.get("pruning"), objectives, problems)
-    pruner = _component(raw.get("pruner"), "pruner", "successive_halving", PRUNERS, _pruner_class, problems)
-    sampler = _component(raw.get("sampler"), "sampler", "nsga2" if len(objectives) > 1 else "tpe", SAMPLERS,
-                         _sampler_class, problems)
+    pruner = _component(raw.get("pruner"), "pruner", "successive_halving", optuna_study.PRUNERS, problems)
+    sampler = _component(raw.get("sampler"), "sampler", "nsga2" if len(objectives) > 1 else "tpe",
+                         optuna_study.SAMPLERS, problems)
     storage = _optional_str(raw, "storage", problems)
     study_name = _optional_str(raw, "study_name", problems)
     enqueue = _enqueue(raw.get("enqueue", []), params, problems)
-    seeds, confirm = _confirm(raw, grid, problems)
-    if grid is not None:
-        _check_against_base(grid, params, objectives, problems)
+    seeds = seed_list(raw.get("confirm_seeds", [0, 1, 2]), "search.confirm_seeds", problems, default=[0, 1, 2])
+    confirm = _confirm_overrides(raw.get("confirm_overrides"), problems)
+    if start is not None:
+        _check_against_base(start.with_mode(smoke=False, check_paths=False), params, objectives, confirm, problems)
     if len(problems) > n_before:
         return None
     space = SearchSpace(params=params, objectives=objectives, n_trials=n_trials, smoke_trials=smoke_trials,
                         concurrency=concurrency, pruning=pruning, pruner=pruner, sampler=sampler, storage=storage,
                         study_name=study_name, enqueue=enqueue, confirm_seeds=seeds, confirm_overrides=confirm)
-    for name, build in (("sampler", lambda: build_sampler(space)),
-                        ("pruner", lambda: build_pruner(space, rung_step=1, total_steps=2))):
-        try:
-            build()
-        except (TypeError, ValueError) as e:  # option values the sampler/pruner itself rejects
-            problems.append(f"search.{name}: {str(e).splitlines()[0]}")
+    for problem in optuna_study.check_options(space):  # option values the sampler/pruner itself rejects
+        problems.append(problem)
     return None if len(problems) > n_before else space
 
 
-def _confirm(raw: dict, grid: GridSpec | None, problems: list[str]) -> tuple[list[int], dict[str, Any]]:
-    """``confirm_seeds`` and (flattened, checked against the base) ``confirm_overrides`` of the best spec."""
-    seeds = raw.get("confirm_seeds", [0, 1, 2])
-    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-            and len(set(seeds)) == len(seeds)):
-        problems.append(f"search.confirm_seeds={seeds!r} is not allowed: expected a non-empty list of distinct "
-                        "integers")
-        seeds = [0, 1, 2]
-    confirm = raw.get("confirm_overrides") or {}
-    if not isinstance(confirm, dict):
-        problems.append(f"search.confirm_overrides={confirm!r} is not allowed: expected a mapping of dotted config "
+def _confirm_overrides(raw: Any, problems: list[str]) -> dict[str, Any]:
+    """``confirm_overrides`` of the best spec, flattened (checked against the base with the rest)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        problems.append(f"search.confirm_overrides={raw!r} is not allowed: expected a mapping of dotted config "
                         "fields to values (applied to the exported best spec, e.g. {train.steps: 55800})")
-        return list(seeds), {}
-    confirm = flatten(confirm)
-    if grid is not None:
-        try:
-            resolve_config(grid, {**grid.baselines[0].overrides, **confirm}, seed=grid.seeds[0], check_paths=False)
-        except ConfigError as e:
-            problems.append(f"search.confirm_overrides: {e}")
-    return list(seeds), confirm
+        return {}
+    return flatten(raw)
 
 
 def _params(raw: Any, problems: list[str]) -> list[Param]:
@@ -348,7 +351,7 @@ def _params(raw: Any, problems: list[str]) -> list[Param]:
 
 def _param(key: str, spec: Any, problems: list[str]) -> Param | None:
     where = f"search.params.{key}"
-    tp = _field_type(key)
+    tp = _searchable_type(key)
     if isinstance(tp, str):
         problems.append(f"{where}: {tp}")
         return None
@@ -368,11 +371,25 @@ def _param(key: str, spec: Any, problems: list[str]) -> Param | None:
         return None
     when = _when(spec.get("when"), where, problems)
     if kind == "categorical":
-        return _categorical(key, spec, tp, when, where, problems)
+        return _categorical(key, spec, when, where, problems)
     return _numeric(key, kind, spec, tp, when, where, problems)
 
 
-def _categorical(key: str, spec: dict, tp: Any, when: tuple, where: str, problems: list[str]) -> Param | None:
+def _searchable_type(key: str) -> Any:
+    """The annotated type of dotted TrialConfig field ``key`` (Optional unwrapped), or a one-line problem."""
+    found = field_type(key, noun="parameter")
+    if isinstance(found, str):
+        return found
+    if key == "train.seed":
+        return "train.seed cannot be searched: it is set by `seeds:` (and search.confirm_seeds for the best spec)"
+    tp = found[1]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _categorical(key: str, spec: dict, when: tuple, where: str, problems: list[str]) -> Param | None:
     choices = spec.get("choices")
     extra = [k for k in ("low", "high", "log", "step") if k in spec]
     if extra:
@@ -403,7 +420,7 @@ def _numeric(key: str, kind: str, spec: dict, tp: Any, when: tuple, where: str, 
         return None
     values = {}
     for k in ("low", "high", "step"):
-        v = _yaml_float(spec.get(k)) if kind == "float" else spec.get(k)
+        v = yaml_number(spec.get(k)) if kind == "float" else spec.get(k)
         if v is None and k == "step":
             continue
         if not isinstance(v, (int, float)) or isinstance(v, bool) or (kind == "int" and not float(v).is_integer()):
@@ -430,16 +447,6 @@ def _numeric(key: str, kind: str, spec: dict, tp: Any, when: tuple, where: str, 
     else:
         return Param(name=key, type=kind, low=low, high=high, log=log, step=step, when=when)
     return None
-
-
-def _yaml_float(value: Any) -> Any:
-    """``"1e-3"`` -> 0.001 (YAML 1.1 reads 1e-3, without a dot, as a string; ddsm.config accepts it too)."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
 
 
 def _when(raw: Any, where: str, problems: list[str]) -> tuple[tuple[str, tuple], ...]:
@@ -472,32 +479,6 @@ def _topological(params: dict[str, Param], problems: list[str]) -> list[Param]:
     return ordered
 
 
-def _field_type(key: str) -> Any:
-    """The annotated type of dotted TrialConfig field ``key``, or a one-line problem (a str)."""
-    parts = key.split(".")
-    cls: Any = TrialConfig
-    for i, part in enumerate(parts):
-        fields = [f.name for f in dataclasses.fields(cls)]
-        prefix = ".".join(parts[:i])
-        if part not in fields:
-            where = f"fields of {prefix}" if prefix else "sections"
-            return f"unknown parameter {key!r}: not a TrialConfig field ({where}: {', '.join(fields)})"
-        tp = typing.get_type_hints(cls)[part]
-        if dataclasses.is_dataclass(tp):
-            cls = tp
-            continue
-        if i != len(parts) - 1:
-            return f"unknown parameter {key!r}: {'.'.join(parts[: i + 1])!r} is a field, not a section"
-        if key == "train.seed":
-            return "train.seed cannot be searched: it is set by `seeds:` (and search.confirm_seeds for the best spec)"
-        origin = typing.get_origin(tp)
-        if origin in (typing.Union, types.UnionType):
-            args = [a for a in typing.get_args(tp) if a is not type(None)]
-            tp = args[0] if len(args) == 1 else tp
-        return tp
-    return f"{key!r} is a section, not a field: give one of its fields (e.g. {key}.<field>)"
-
-
 def _objectives(raw: Any, problems: list[str]) -> list[Objective]:
     """``{metric: direction, ...}`` or ``[{metric: m, direction: d}, ...]`` -> objectives in order."""
     pairs: list[tuple[Any, Any]] = []
@@ -522,19 +503,10 @@ def _objectives(raw: Any, problems: list[str]) -> list[Objective]:
     return out
 
 
-def known_metrics(cfg: TrialConfig) -> list[str]:
-    """Final metric names a trial with ``cfg`` reports (validation first, then cost).
-
-    A fractional boundary tolerance is listed as ``bf_<fraction>``; on images of one size its key is
-    ``bf_<r>px`` instead, which the objective check accepts whenever a tolerance is fractional.
-    """
-    bf = [f"bf_{int(t)}px" if t >= 1 else f"bf_{t:g}" for t in cfg.eval.tolerances]
-    return [*EVAL_METRICS, *dict.fromkeys(bf), *COST_METRICS]
-
-
 def _pruning(raw: Any, objectives: list[Objective], problems: list[str]) -> bool:
-    """Default: on for one validation-metric objective; explicit ``true`` elsewhere is a problem."""
-    prunable = len(objectives) == 1 and _is_eval_metric(objectives[0].metric)
+    """Default: on for one accuracy objective (reported at every validation); explicit ``true`` elsewhere
+    is a problem."""
+    prunable = len(objectives) == 1 and is_accuracy(objectives[0].metric)
     if raw is None:
         return prunable
     if not isinstance(raw, bool):
@@ -545,16 +517,11 @@ def _pruning(raw: Any, objectives: list[Objective], problems: list[str]) -> bool
                         "intermediate value per step; set pruning: false")
     elif raw and objectives and not prunable:
         problems.append(f"search.pruning=true is not allowed for objective {objectives[0].metric!r}: it is only known "
-                        f"at the end; pruning needs a validation metric ({', '.join(EVAL_METRICS)}, bf_<r>px)")
+                        "at the end; pruning needs a validation metric (miou, pixel_acc, mean_acc, biou, bf_<r>px)")
     return raw
 
 
-def _is_eval_metric(metric: str) -> bool:
-    return metric in EVAL_METRICS or metric.startswith("bf_")
-
-
-def _component(raw: Any, name: str, default: str, allowed: tuple[str, ...], get_class: Any,
-               problems: list[str]) -> dict[str, Any]:
+def _component(raw: Any, name: str, default: str, allowed: tuple[str, ...], problems: list[str]) -> dict[str, Any]:
     """``{type: ..., <keyword options>}`` for a sampler/pruner; options are checked against its signature."""
     if raw is None:
         raw = {"type": default}
@@ -567,71 +534,11 @@ def _component(raw: Any, name: str, default: str, allowed: tuple[str, ...], get_
     if out["type"] not in allowed:
         problems.append(f"search.{name}.type={out['type']!r} is not allowed: expected one of {', '.join(allowed)}")
         return out
-    accepted = [p for p in inspect.signature(get_class(out["type"]).__init__).parameters if p != "self"]
+    accepted = optuna_study.accepted_options(name, out["type"])
     for key in out:
         if key != "type" and key not in accepted:
             problems.append(f"search.{name}: unknown option {key!r} for {out['type']}; allowed: {', '.join(accepted)}")
     return out
-
-
-def build_sampler(search: SearchSpace, *, seed_offset: int = 0) -> Any:
-    """TPE (single objective default; multivariate, grouped when parameters are conditional), NSGA-II or random.
-
-    Chosen defaults: ``seed`` 0; TPE ``multivariate=True`` and ``group=True`` when a ``when`` makes the
-    space conditional (Optuna's recommendation for conditional spaces); Optuna's defaults otherwise
-    (``constant_liar=True`` keeps concurrent trials apart).
-    """
-    import optuna
-
-    options = {k: v for k, v in search.sampler.items() if k != "type"}
-    options["seed"] = int(options.get("seed", 0)) + seed_offset
-    kind = search.sampler["type"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if kind == "tpe":
-            conditional = any(p.when for p in search.params)
-            options = {"multivariate": True, "group": conditional, **options}
-            return optuna.samplers.TPESampler(**options)
-        if kind == "nsga2":
-            return optuna.samplers.NSGAIISampler(**options)
-        return optuna.samplers.RandomSampler(**options)
-
-
-def build_pruner(search: SearchSpace, *, rung_step: int, total_steps: int) -> Any:
-    """The pruner of ``search.pruner`` (NopPruner when pruning is off).
-
-    Chosen defaults: successive halving (asynchronous, i.e. ASHA) with its first rung at the first
-    validation (``min_resource = train.val_every``) and ``reduction_factor`` 3; hyperband spans
-    ``val_every .. train.steps``; median/percentile prune from the first validation after 2 trials.
-    """
-    import optuna
-
-    if not search.pruning:
-        return optuna.pruners.NopPruner()
-    options = {k: v for k, v in search.pruner.items() if k != "type"}
-    kind = search.pruner["type"]
-    if kind == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(**{"min_resource": rung_step, "reduction_factor": 3, **options})
-    if kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(**{"min_resource": rung_step, "max_resource": total_steps,
-                                                 "reduction_factor": 3, **options})
-    if kind == "median":
-        return optuna.pruners.MedianPruner(**{"n_startup_trials": 2, **options})
-    return optuna.pruners.PercentilePruner(**{"percentile": 50.0, "n_startup_trials": 2, **options})
-
-
-def _sampler_class(kind: str) -> type:
-    import optuna
-
-    return {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISampler,
-            "random": optuna.samplers.RandomSampler}[kind]
-
-
-def _pruner_class(kind: str) -> type:
-    import optuna
-
-    return {"successive_halving": optuna.pruners.SuccessiveHalvingPruner, "median": optuna.pruners.MedianPruner,
-            "percentile": optuna.pruners.PercentilePruner, "hyperband": optuna.pruners.HyperbandPruner}[kind]
 
 
 def _int(raw: dict, key: str, default: int | None, minimum: int, problems: list[str]) -> Any:
@@ -668,25 +575,29 @@ def _enqueue(raw: Any, params: list[Param], problems: list[str]) -> list[dict[st
     return [dict(item) for item in raw]
 
 
-def _check_against_base(grid: GridSpec, params: list[Param], objectives: list[Objective],
-                        problems: list[str]) -> None:
-    """Every bound/choice must give a valid config; every objective must be a metric the trials report."""
+def _check_against_base(start: TuneSpec, params: list[Param], objectives: list[Objective],
+                        confirm: dict[str, Any], problems: list[str]) -> None:
+    """Every bound/choice and the confirm overrides must give a valid config; every objective must be a
+    metric the trials report (:func:`ddsm.metrics.catalogue.metric_names`)."""
     try:
-        base = resolve_config(grid, grid.baselines[0].overrides, seed=grid.seeds[0], check_paths=False)
+        base = start.base_config
     except ConfigError as e:
         problems.append(f"base: {e}")
         return
+    try:
+        start.trial_config(confirm)
+    except ConfigError as e:
+        problems.append(f"search.confirm_overrides: {e}")
     for p in params:
         values = p.choices if p.type == "categorical" else (p.low, p.high)
         parents = {parent: allowed[0] for parent, allowed in p.when}
         for value in values:
             try:
-                resolve_config(grid, {**grid.baselines[0].overrides, **parents, p.name: value}, seed=grid.seeds[0],
-                               check_paths=False)
+                start.trial_config({**parents, p.name: value})
             except ConfigError as e:
                 problems.append(f"search.params.{p.name}: {e}")
                 break
-    metrics = known_metrics(base)
+    metrics = metric_names(base.eval.tolerances)
     fractional = any(t < 1 for t in base.eval.tolerances)  # their bf_<r>px keys depend on the image size
     for o in objectives:
         if o.metric not in metrics and not (fractional and re.fullmatch(r"bf_\d+px", o.metric)):

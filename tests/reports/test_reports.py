@@ -1,6 +1,6 @@
 """Reports: a tracking store filled here with known values -> tables, markers, LaTeX, PNGs, CLI.
 
-The grid (3 seeds each, reference ``fpn``), logged the way ``harness/tracking.py`` logs a grid::
+The grid (3 seeds each, reference ``fpn``), logged the way ``harness/grid.py`` logs a grid::
 
     fpn                 seeds 0 1 2 finished (seed 2 by an earlier launch, under an older parent run)
     ddsm[num_points=4]  seeds 0 1 2 finished (seed 1 after an oom retry; per-class IoU only as an artifact)
@@ -116,7 +116,7 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def grid(store):
-    from harness.mlflow_store import load_runs
+    from harness.mlflow_io import load_runs
 
     return load_runs(store.uri, experiment="toy")
 
@@ -143,7 +143,7 @@ def p_df2(t):
 
 
 def test_load_excludes_parent_and_keeps_every_cell_run(grid, store):
-    from harness.mlflow_store import load_runs
+    from harness.mlflow_io import load_runs
 
     runs = grid.frame.groupby("run_id").head(1)
     assert len(runs) == 11 and not {store.parent, store.older} & set(runs["run_id"])
@@ -164,33 +164,12 @@ def test_per_class_iou_from_artifact(grid):
 
 
 def test_pagination_small_pages_on_the_store(store, grid):
-    from harness.mlflow_store import load_runs
+    from harness.mlflow_io import load_runs
 
     # 13 runs -> 5 pages; fpn seed 2 (finished under the older parent) is found by its planned hash
     paged = load_runs(store.uri, parent_run_id=store.parent, page_size=3)
     assert sorted(paged.frame["run_id"].unique()) == sorted(grid.frame["run_id"].unique())
     assert paged.provenance["parent_run_ids"] == [store.parent]
-
-
-def test_pagination_follows_tokens_past_1000():
-    from harness.mlflow_store import iter_runs
-
-    class Page(list):
-        token = None
-
-    class FakeClient:
-        calls: list = []
-
-        def search_runs(self, experiment_ids, filter_string="", max_results=1000, order_by=None, page_token=None):
-            start = int(page_token or 0)
-            self.calls.append(max_results)
-            page = Page(range(start, min(start + max_results, 2500)))
-            page.token = str(start + max_results) if start + max_results < 2500 else None
-            return page
-
-    client = FakeClient()
-    assert list(iter_runs(client, ["1"])) == list(range(2500))
-    assert client.calls == [1000, 1000, 1000]
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -380,7 +359,7 @@ def test_reports_package_never_imports_mlflow():
     import ast
     from pathlib import Path
 
-    for path in Path(__file__).resolve().parents[1].joinpath("reports").glob("*.py"):
+    for path in Path(__file__).resolve().parents[2].joinpath("reports").glob("*.py"):
         tree = ast.parse(path.read_text())
         names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
@@ -395,3 +374,21 @@ def test_attempts_and_varying_fields_on_a_hand_frame():
     assert varying_fields(df) == ["model.name", "data.seed"]
     status = cell_status(df)
     assert status["state"].tolist() == ["finished", "finished"]
+
+
+def test_all_metrics_marks_the_lowest_cost_best_and_no_best_for_counters(tmp_path):
+    """Every scalar metric is in tables/all_metrics.csv; cost (gmacs, train_time_s) is best when lowest, and a
+    metric the catalogue has no direction for (step) is never marked."""
+    runs = {"fpn": dict(miou=0.50, gmacs=5.0, train_time_s=20.0, step=64),
+            "ddsm": dict(miou=0.60, gmacs=6.0, train_time_s=30.0, step=64)}
+    df = tidy_frame({"run": {"run_id": f"{v}{seed}", "variant": v, "seed": seed, "status": "FINISHED"},
+                     "params": {"model.name": v, "train.seed": str(seed)},
+                     "metrics": {k: x + 0.01 * seed for k, x in m.items()}}
+                    for v, m in runs.items() for seed in (0, 1))
+    written = write_report(df, tmp_path, baseline="fpn")
+    csv = pd.read_csv(written["tables/all_metrics.csv"], comment="#").set_index("variant")
+    assert csv.loc["fpn", "gmacs_best"] and not csv.loc["ddsm", "gmacs_best"]
+    assert csv.loc["fpn", "train_time_s_best"] and not csv.loc["ddsm", "train_time_s_best"]
+    assert csv.loc["ddsm", "miou_best"] and not csv.loc["fpn", "miou_best"]
+    assert not csv["step_best"].any()
+    assert csv.loc["ddsm", "gmacs_mean"] == pytest.approx(6.005)

@@ -1,0 +1,271 @@
+"""``ddsm-bench run``: a grid's policy (recover, launch, retry) and :func:`run_grid`, its session.
+
+Layout of ``<out>``::
+
+    mlflow.db                 default tracking store (sqlite); artifacts under mlartifacts/
+    grid.json                 the expanded cells (hash, name, variant, seed, reference)
+    cells/<hash>/             one folder per cell = the engine's out_dir (see harness/worker.py)
+
+Re-running the same command skips cells whose child run FINISHED with the same cell hash, records
+cells that finished but were never recorded (their result.json), and resumes the others from their
+last checkpoint (``engine.train(resume=True)`` on the same cell folder), reusing their child run.
+
+Retries: a cell is launched up to ``1 + max_failures`` times; only failure classes in the spec's
+``retry_on`` are retried (default oom, error, killed). ``nan`` is not retried by default: the same
+seed resumed from the same checkpoint diverges again.
+
+Ctrl-C / SIGTERM (:mod:`harness.driver`): what finished is recorded, running cells (and cells
+waiting for a retry) are marked KILLED, exit 130; nothing finished is lost.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ddsm.config import to_dict
+from harness import console as view
+from harness.cells import Cell, expand, grid_hash
+from harness.driver import Event, Job, Policy, Recorder, TrialOutcome, TrialPayload, read_result, write_json
+from harness.mlflow_io import Tag, record_event, write_report_from_mlflow
+from harness.session import cluster, default_concurrency, git_sha, open_recorder, run_policy
+from harness.spec import GridSpec, flatten, load_spec
+from harness.worker import FAIL_ONCE_ENV, cell_artifacts
+
+__all__ = ["CellResult", "GridPolicy", "GridSummary", "run_grid", "write_grid_json"]
+
+
+@dataclass
+class CellResult:
+    """What happened to one cell in this invocation."""
+
+    cell: Cell
+    status: str = "pending"  # pending | running | retrying | finished | skipped | failed | killed
+    metrics: dict[str, float] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)  # failure class of every failed attempt
+    attempts: int = 0  # launches in this invocation
+    run_id: str | None = None
+    step: int = 0
+    last_miou: float | None = None
+    started: float | None = None
+    elapsed: float = 0.0
+    device: str = ""
+
+    @property
+    def done(self) -> bool:
+        """Finished now or before."""
+        return self.status in ("finished", "skipped")
+
+
+@dataclass
+class GridSummary:
+    """The outcome of :func:`run_grid`."""
+
+    spec: GridSpec
+    out_dir: Path
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    results: list[CellResult]
+    interrupted: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        """130 interrupted, 1 some cell failed after retries, 0 every cell finished."""
+        if self.interrupted:
+            return 130
+        return 0 if all(r.done for r in self.results) else 1
+
+
+class GridPolicy(Policy):
+    """The grid's decisions: which cells to (re)launch, their MLflow runs, retries (see the module docstring)."""
+
+    def __init__(self, *, spec: GridSpec, cells: list[Cell], out: Path, recorder: Recorder, parent: str, sha: str,
+                 log_checkpoints: bool = False, fail_once: str | None = None) -> None:
+        """Args:
+        spec: the grid (its retry policy).
+        cells: its expanded cells, in order.
+        out: the grid's out dir (cell folders under ``cells/``).
+        recorder: where runs are tracked; ``parent`` the grid's parent run.
+        sha: git SHA tagged on every run.
+        log_checkpoints: also upload each cell's last checkpoint.
+        fail_once: the DDSM_BENCH_FAIL_ONCE test hook (see harness/worker.py).
+        """
+        self.spec, self.out, self.recorder, self.parent, self.sha = spec, out, recorder, parent, sha
+        self.log_checkpoints, self.fail_once = log_checkpoints, fail_once
+        self.results = [CellResult(cell=c) for c in cells]
+        self.pending: deque[CellResult] = deque()
+
+    def cell_dir(self, cell: Cell) -> Path:
+        """``<out>/cells/<hash>``."""
+        return self.out / "cells" / cell.hash
+
+    def start(self) -> None:
+        """Mark cells finished in MLflow as skipped; record finished-but-unrecorded ones; reuse other runs."""
+        runs = self.recorder.cell_runs()
+        for r in self.results:
+            found = runs.get(r.cell.hash)
+            if found and found.status == "FINISHED":
+                r.status, r.run_id = "skipped", found.run_id
+                r.metrics = self.recorder.final_metrics(found.run_id)
+                continue
+            r.run_id = found.run_id if found else None
+            metrics = read_result(self.cell_dir(r.cell))
+            if metrics is not None:  # trained to the end, but the driver died before recording it
+                self._open_run(r)
+                self._finish(r, metrics)
+        self.pending.extend(r for r in self.results if r.status == "pending")
+
+    def next_job(self) -> Job | None:
+        """The next pending cell (a retry first), its run opened and tagged."""
+        if not self.pending:
+            return None
+        r = self.pending.popleft()
+        if r.run_id is None or r.attempts == 0:
+            self._open_run(r)
+        r.attempts += 1
+        r.status, r.started, r.step = "running", time.time(), 0
+        payload = TrialPayload(key=r.cell.hash, cell_hash=r.cell.hash, name=r.cell.name, config=to_dict(r.cell.config),
+                               cell_dir=str(self.cell_dir(r.cell)), attempt=r.attempts, fail_once=self.fail_once)
+        self.recorder.set_tags(r.run_id, {Tag.ATTEMPTS: r.attempts, Tag.STATUS: "running"})
+        return Job(payload=payload, owner=r)
+
+    def on_event(self, job: Job, event: Event, *, final: bool) -> bool:
+        """Progress rows and MLflow; a grid never stops a cell early."""
+        r: CellResult = job.owner
+        r.step = max(r.step, event.step)
+        if event.kind == "start":
+            r.device = event.info.get("device", "")
+        elif event.kind == "eval" and "miou" in event.metrics:
+            r.last_miou = event.metrics["miou"]
+        record_event(self.recorder, r.run_id, event)
+        return False
+
+    def on_outcome(self, job: Job, outcome: TrialOutcome) -> None:
+        """Record a finished attempt, or its failure; queue a retry when the class allows one."""
+        r: CellResult = job.owner
+        r.elapsed += time.time() - (r.started or time.time())
+        if outcome.finished:
+            self._finish(r, outcome.metrics)
+            return
+        cls = outcome.failure_class
+        r.failures.append(cls)
+        (self.cell_dir(r.cell) / "error.txt").write_text(outcome.traceback or outcome.error)
+        retry = cls in self.spec.retry_on and r.attempts <= self.spec.max_failures
+        self.recorder.set_tags(r.run_id, {Tag.FAILURES: ",".join(r.failures), Tag.FAILURE_CLASS: cls,
+                                          Tag.LAST_ERROR: outcome.error[:500]})
+        if retry:
+            r.status = "retrying"
+            self.pending.appendleft(r)
+            return
+        r.status = "failed"
+        self.recorder.end_run(r.run_id, status="FAILED", tags={Tag.STATUS: "failed"}, artifacts=self._artifacts(r))
+
+    def on_interrupted(self, job: Job) -> None:
+        """Mark the cell's run KILLED (re-running the grid resumes it from its checkpoint)."""
+        r: CellResult = job.owner
+        r.elapsed += time.time() - (r.started or time.time())
+        self._kill(r)
+
+    def on_stop(self) -> None:
+        """Cells waiting for a retry have an open run: mark it KILLED too."""
+        for r in self.pending:
+            if r.status == "retrying":
+                self._kill(r)
+
+    def _kill(self, r: CellResult) -> None:
+        r.status = "killed"
+        self.recorder.end_run(r.run_id, status="KILLED", tags={Tag.STATUS: "killed", Tag.FAILURE_CLASS: "killed"})
+
+    def _open_run(self, r: CellResult) -> None:
+        """Create (or reopen) the child run of a cell with its params and tags."""
+        cell = r.cell
+        r.run_id = self.recorder.start_run(
+            name=cell.name, parent_id=self.parent, cell_hash=cell.hash, reuse=r.run_id,
+            params=flatten(to_dict(cell.config)),
+            tags={Tag.SEED: cell.seed, Tag.VARIANT: cell.variant, Tag.BASELINE: cell.baseline,
+                  Tag.REFERENCE: cell.reference or "", Tag.GIT_SHA: self.sha, Tag.SPEC: self.spec.source,
+                  Tag.FAILURE_CLASS: "none", Tag.CELL_DIR: str(self.cell_dir(cell))})
+
+    def _finish(self, r: CellResult, metrics: dict[str, float]) -> None:
+        r.status, r.metrics = "finished", metrics
+        self.recorder.log_metrics(r.run_id, metrics, step=r.cell.config.train.steps)
+        self.recorder.end_run(r.run_id, status="FINISHED", artifacts=self._artifacts(r), tags={
+            Tag.STATUS: "finished", Tag.FAILURE_CLASS: "none", Tag.FAILURES: ",".join(r.failures),
+            Tag.ATTEMPTS: r.attempts, Tag.ELAPSED_S: round(r.elapsed, 1)})
+
+    def _artifacts(self, r: CellResult) -> list[tuple[Path, str | None]]:
+        return cell_artifacts(self.cell_dir(r.cell), checkpoint=self.log_checkpoints)
+
+
+def write_grid_json(path: Path, spec: GridSpec, cells: list[Cell]) -> None:
+    """The planned cells (the report shows those that never ran); logged on the parent run at the end."""
+    write_json(path, {"name": spec.name, "source": spec.source, "baseline": spec.baseline, "smoke": spec.mode.smoke,
+                      "cells": [{"hash": c.hash, "name": c.name, "variant": c.variant, "seed": c.seed,
+                                 "baseline": c.baseline, "reference": c.reference} for c in cells]})
+
+
+def run_grid(spec: GridSpec | str | Path, *, out_dir: str | Path, address: str | None = None,
+             tracking_uri: str | None = None, max_concurrent: int | None = None, smoke: bool = False,
+             log_checkpoints: bool = False, console: Any = None) -> GridSummary:
+    """Run every cell of a grid on Ray, tracked in MLflow, resuming an earlier run in ``out_dir``.
+
+    Args:
+        spec: a GridSpec (its mode as loaded) or the path of a spec file.
+        out_dir: where cells, checkpoints and (by default) the MLflow store live.
+        address: a Ray cluster to join (None: start a local instance, or reuse an initialised one); with
+            an address, dataset folders are not checked here (they must exist on the workers).
+        tracking_uri: MLflow tracking URI (None: ``sqlite:///<out>/mlflow.db``).
+        max_concurrent: trials in flight at once (None: as many as the cluster's resources allow).
+        smoke: run the spec under --smoke (see :data:`harness.spec.SMOKE_OVERRIDES`).
+        log_checkpoints: also upload each cell's last checkpoint as an MLflow artifact.
+        console: a rich Console for the live table and the summary (None: stderr and stdout).
+
+    Raises:
+        ConfigError: bad spec, unschedulable resources or unshared storage; nothing was launched.
+    """
+    if isinstance(spec, (str, Path)):
+        spec = load_spec(spec)
+    spec = spec.with_mode(smoke=smoke or spec.mode.smoke, check_paths=spec.mode.check_paths and address is None)
+    cells = expand(spec)
+    res = spec.trial_resources
+    out_path = Path(out_dir).resolve()
+    with cluster(address=address, resources=res, out=out_path):
+        recorder = open_recorder(tracking_uri=tracking_uri, out=out_path, experiment=spec.experiment)
+        write_grid_json(out_path / "grid.json", spec, cells)
+        sha = git_sha()
+        parent = recorder.start_parent(
+            key=grid_hash([c.hash for c in cells]), name=spec.name,
+            tags={Tag.SPEC: spec.source, Tag.GIT_SHA: sha, Tag.SMOKE: spec.mode.smoke, Tag.BASELINE: spec.baseline},
+            params={"cells": len(cells), "seeds": spec.seeds, "max_failures": spec.max_failures,
+                    "retry_on": spec.retry_on, **{f"resources.{k}": v for k, v in dataclasses.asdict(res).items()}})
+        policy = GridPolicy(spec=spec, cells=cells, out=out_path, recorder=recorder, parent=parent, sha=sha,
+                            log_checkpoints=log_checkpoints, fail_once=os.environ.get(FAIL_ONCE_ENV))
+        with view.ProgressBoard(policy.results, console=console) as board:
+            interrupted = run_policy(policy, resources=res, recorder=recorder, console=board,
+                                     limit=max_concurrent or default_concurrency(res))
+        recorder.log_artifact(parent, out_path / "grid.json")  # lets the report show cells never run
+        recorder.end_run(parent, status="KILLED" if interrupted else
+                         ("FINISHED" if all(r.done for r in policy.results) else "FAILED"))
+        summary = GridSummary(spec=spec, out_dir=out_path, tracking_uri=recorder.tracking_uri,
+                              experiment_id=recorder.experiment_id, parent_run_id=parent, results=policy.results,
+                              interrupted=interrupted)
+        view.print_grid_summary(summary, console=console)
+        if not interrupted:
+            _write_report(summary, console=console)
+        return summary
+
+
+def _write_report(summary: GridSummary, *, console: Any) -> None:
+    """Write the paper tables and figures of the grid to <out>/report (a failure there never fails the grid)."""
+    try:
+        paths = write_report_from_mlflow(summary.tracking_uri, parent_run_id=summary.parent_run_id,
+                                         out_dir=summary.out_dir / "report", baseline=summary.spec.baseline)
+    except Exception as e:  # the grid's results are already safe in MLflow; say why the report is missing
+        view.print_report_written(summary, None, e, console=console)
+        return
+    view.print_report_written(summary, paths, None, console=console)

@@ -1,0 +1,427 @@
+"""The MLflow adapter: the only module that imports mlflow. Schema, store URIs, pagination, writer, reader.
+
+Schema (what ``reports/README.md`` calls the contract): one experiment per spec (its ``name``,
+``-smoke`` appended under --smoke), one parent run per grid or study (tag ``kind=grid``), one child
+run per cell or trial (``kind=cell``, ``mlflow.parentRunId``). Tag names are the :class:`Tag`
+constants; a child run's params are every resolved config field (flattened dotted keys); its metrics
+are the train/eval metrics per step (logged in batches with ``MlflowClient.log_batch``) and the
+final metrics at the last step (:mod:`ddsm.metrics.catalogue`); its artifacts the cell's files
+(:data:`harness.worker.CELL_ARTIFACTS`). The parent of a grid carries ``grid.json`` (the planned
+cells), so a report shows cells that never ran.
+
+Store: ``--tracking-uri`` as given; without one, a grid or study writes ``sqlite:///<out>/mlflow.db``
+(artifacts in ``<out>/mlartifacts``) and ``ddsm-bench report`` reads ``$MLFLOW_TRACKING_URI`` or
+``./mlflow.db`` (:func:`store_uri` is the one place that decides). A bare path to a ``.db`` file or to
+a grid's out folder is read as that SQLite store.
+
+The driver is the only writer (:class:`MlflowRecorder`, the :class:`harness.driver.Recorder` on
+MLflow); trials never import mlflow. The reader (:func:`load_runs`) turns a grid's runs into the
+tidy frame of :mod:`reports.load`.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from ddsm.config import ConfigError
+from harness.driver import Event, Recorder
+
+__all__ = ["CellRun", "GridRuns", "MlflowRecorder", "RUN_TAGS", "Tag", "iter_runs", "load_runs", "reader_uri",
+           "record_event", "store_uri", "write_report_from_mlflow"]
+
+for _name in ("mlflow", "alembic"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+_BATCH = 1000  # MLflow's per-request limit for metrics (params and tags: 100)
+STORE_FILE = "mlflow.db"
+
+
+class Tag:
+    """The MLflow tag names ddsm-bench writes and reads (values are strings; lists are JSON)."""
+
+    PARENT = "mlflow.parentRunId"
+    KIND = "kind"  # "grid" (parent) | "cell" (child)
+    GRID_HASH = "grid_hash"  # parent: the cells' (or the study's) identity; a re-run reopens its parent
+    SPEC = "spec"  # the spec file
+    SMOKE = "smoke"
+    BASELINE = "baseline"  # parent: the reference baseline; child: the baseline the cell derives from
+    GIT_SHA = "git_sha"
+    MODE = "mode"  # parent of a study: "tune"
+    STUDY = "study"  # the Optuna study name
+    STORAGE = "storage"  # the Optuna storage (password hidden)
+    N_FINISHED = "n_finished"  # parent of a study: trials counted against the budget
+    CELL_HASH = "cell_hash"
+    SEED = "seed"
+    VARIANT = "variant"  # the cell without its seed
+    REFERENCE = "reference"  # the reference-baseline variant a cell is compared with
+    CELL_DIR = "cell_dir"
+    STATUS = "status"  # running | retrying | finished | failed | killed | pruned
+    ATTEMPTS = "attempts"  # launches of the cell
+    FAILURES = "failures"  # failure classes of earlier attempts, comma-joined
+    FAILURE_CLASS = "failure_class"  # oom | nan | error | killed; "none" when finished
+    LAST_ERROR = "last_error"
+    ELAPSED_S = "elapsed_s"
+    DEVICE = "device"
+    TORCH = "torch"
+    HOST = "host"
+    OPTUNA_TRIAL = "optuna_trial"
+    OPTUNA_STATE = "optuna_state"  # RUNNING | COMPLETE | PRUNED | FAIL
+    OPTUNA_PARAMS = "optuna_params"
+    REQUEUED_FROM = "requeued_from"
+    PRUNED_AT_STEP = "pruned_at_step"
+
+
+KIND_GRID, KIND_CELL = "grid", "cell"
+# Child-run tags the reader copies into the tidy frame (reports.load.RUN_COLUMNS).
+RUN_TAGS = (Tag.VARIANT, Tag.SEED, Tag.CELL_HASH, Tag.FAILURE_CLASS, Tag.FAILURES, Tag.ATTEMPTS, Tag.BASELINE,
+            Tag.GIT_SHA, Tag.DEVICE, Tag.TORCH)
+
+
+# ============================================================================ store URIs
+
+
+def store_uri(uri: str | None, *, folder: str | Path, must_exist: bool = False) -> str:
+    """The tracking URI to use: ``uri`` if given, else ``sqlite:///<folder>/mlflow.db``.
+
+    A bare path to a ``.db`` file, or to a folder holding ``mlflow.db`` (a grid's ``--out``), becomes
+    ``sqlite:///<absolute path>``. With ``must_exist`` (readers), a SQLite file that does not exist is
+    a ConfigError instead of a new, empty store.
+    """
+    if uri is None:
+        uri = f"sqlite:///{Path(folder).resolve() / STORE_FILE}"
+    elif "://" not in uri and (Path(uri) / STORE_FILE).is_file():
+        uri = f"sqlite:///{(Path(uri) / STORE_FILE).resolve()}"
+    elif "://" not in uri and uri.endswith(".db"):
+        uri = f"sqlite:///{Path(uri).resolve()}"
+    if must_exist and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise ConfigError(f"tracking store {uri!r} does not exist: expected the mlflow.db of a grid "
+                          "(ddsm-bench run writes <out>/mlflow.db); pass --tracking-uri")
+    return uri
+
+
+def reader_uri(uri: str | None) -> str:
+    """What ``ddsm-bench report`` reads: ``uri``, else ``$MLFLOW_TRACKING_URI``, else ``./mlflow.db``
+    (never created)."""
+    return store_uri(uri or os.environ.get("MLFLOW_TRACKING_URI"), folder=Path.cwd(), must_exist=True)
+
+
+def iter_runs(client: Any, experiment_ids: list[str], *, filter_string: str = "",
+              page_size: int = 1000) -> Iterator[Any]:
+    """Every run matching the search, oldest first, following ``page_token`` until the last page.
+
+    ``client`` is an :class:`mlflow.MlflowClient` (or anything with the same ``search_runs``).
+    """
+    token = None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=page_size,
+                                  order_by=["attributes.start_time ASC"], page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+# ============================================================================ the writer
+
+
+@dataclass
+class CellRun:
+    """A child run found in the experiment."""
+
+    run_id: str
+    cell_hash: str
+    status: str  # RUNNING | FINISHED | FAILED | KILLED | SCHEDULED
+
+
+class MlflowRecorder:
+    """Driver-side MLflow writer for one grid or study: parent run, child runs, buffered metrics."""
+
+    def __init__(self, *, tracking_uri: str, experiment: str, artifact_root: Path | None = None) -> None:
+        """Args:
+        tracking_uri: any MLflow tracking URI (see :func:`store_uri`).
+        experiment: experiment name (the spec name); created if missing.
+        artifact_root: where a newly created experiment stores artifacts (None: the server's default).
+        """
+        self._client = MlflowClient(tracking_uri=tracking_uri)
+        self.tracking_uri = tracking_uri
+        found = self._client.get_experiment_by_name(experiment)
+        if found is not None:
+            self.experiment_id = found.experiment_id
+        else:
+            location = Path(artifact_root).resolve().as_uri() if artifact_root else None
+            self.experiment_id = self._client.create_experiment(experiment, artifact_location=location)
+        self._metrics: dict[str, list[Metric]] = {}
+
+    def _search(self, filter_string: str) -> list:
+        return list(iter_runs(self._client, [self.experiment_id], filter_string=filter_string))
+
+    def start_parent(self, *, key: str, name: str, tags: dict[str, Any], params: dict[str, Any]) -> str:
+        """Create the parent run, or reopen the one of an earlier run with the same ``key``; return its id."""
+        found = self._search(f"tags.{Tag.KIND} = '{KIND_GRID}' and tags.{Tag.GRID_HASH} = '{key}'")
+        if found:
+            run_id = found[0].info.run_id
+            self._client.update_run(run_id, status="RUNNING")
+        else:
+            run_id = self._client.create_run(self.experiment_id, run_name=name,
+                                             tags={Tag.KIND: KIND_GRID, Tag.GRID_HASH: key}).info.run_id
+            self._log(run_id, params=params)
+        self._log(run_id, tags=tags)
+        return run_id
+
+    def cell_runs(self) -> dict[str, CellRun]:
+        """The latest child run of each cell hash in the experiment (a FINISHED one wins)."""
+        out: dict[str, CellRun] = {}
+        for run in self._search(f"tags.{Tag.KIND} = '{KIND_CELL}'"):  # oldest first
+            h = run.data.tags.get(Tag.CELL_HASH, "")
+            prev = out.get(h)
+            if prev is None or prev.status != "FINISHED":
+                out[h] = CellRun(run_id=run.info.run_id, cell_hash=h, status=run.info.status)
+        return out
+
+    def start_run(self, *, name: str, parent_id: str, cell_hash: str, params: dict[str, Any],
+                  tags: dict[str, Any], reuse: str | None = None) -> str:
+        """Create the child run of a cell (or reopen ``reuse``, an unfinished one); log params and tags."""
+        tags = {**tags, Tag.KIND: KIND_CELL, Tag.CELL_HASH: cell_hash}
+        if reuse:
+            self._client.update_run(reuse, status="RUNNING")
+            run_id = reuse
+        else:
+            run_id = self._client.create_run(self.experiment_id, run_name=name,
+                                             tags={Tag.PARENT: parent_id, **_str(tags)}).info.run_id
+        self._log(run_id, params=params, tags=tags)
+        return run_id
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        """Set (or overwrite) tags now."""
+        self._log(run_id, tags=tags)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], *, step: int) -> None:
+        """Buffer scalar metrics of ``step``; they are sent by :meth:`flush`."""
+        now = int(time.time() * 1000)
+        self._metrics.setdefault(run_id, []).extend(
+            Metric(k, float(v), now, int(step)) for k, v in metrics.items() if _is_number(v))
+
+    def log_artifact(self, run_id: str, path: Path) -> None:
+        """Upload one file to the run's artifact root."""
+        self._client.log_artifact(run_id, str(path))
+
+    def flush(self) -> None:
+        """Send every buffered metric, ``log_batch`` by ``log_batch``."""
+        pending, self._metrics = self._metrics, {}
+        for run_id, metrics in pending.items():
+            for i in range(0, len(metrics), _BATCH):
+                self._client.log_batch(run_id, metrics=metrics[i: i + _BATCH])
+
+    def end_run(self, run_id: str, *, status: str, tags: dict[str, Any] | None = None,
+                artifacts: Iterable[tuple[Path, str | None]] = ()) -> None:
+        """Flush, set tags, upload ``(local file, artifact dir)`` pairs that exist, set the final status."""
+        if status not in ("FINISHED", "FAILED", "KILLED"):
+            raise ValueError(f"status={status!r} is not allowed: expected FINISHED, FAILED or KILLED")
+        self.flush()
+        if tags:
+            self._log(run_id, tags=tags)
+        for path, where in artifacts:
+            if Path(path).is_file():
+                self._client.log_artifact(run_id, str(path), artifact_path=where)
+        self._client.set_terminated(run_id, status=status)
+
+    def final_metrics(self, run_id: str) -> dict[str, float]:
+        """The latest value of every metric of a run."""
+        return dict(self._client.get_run(run_id).data.metrics)
+
+    def _log(self, run_id: str, *, params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None) -> None:
+        p = [Param(k, _value(v)) for k, v in (params or {}).items()]
+        t = [RunTag(k, _value(v)) for k, v in (tags or {}).items()]
+        for i in range(0, max(len(p), len(t)), 100):
+            self._client.log_batch(run_id, params=p[i: i + 100], tags=t[i: i + 100])
+
+
+def _value(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
+
+
+def _str(d: dict[str, Any]) -> dict[str, str]:
+    return {k: _value(v) for k, v in d.items()}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # v == v drops NaN
+
+
+def record_event(recorder: Recorder, run_id: str, event: Event) -> None:
+    """What every trial's run records of an event: where it runs (start) and its train/eval metrics."""
+    if event.kind == "start":
+        recorder.set_tags(run_id, {Tag.DEVICE: event.info.get("device", ""), Tag.TORCH: event.info.get("torch", ""),
+                                   Tag.HOST: event.info.get("host", "")})
+    elif event.kind in ("train", "eval") and event.metrics:
+        recorder.log_metrics(run_id, event.metrics, step=event.step)
+
+
+# ============================================================================ the reader
+
+
+@dataclass
+class GridRuns:
+    """What a report needs from the store: the tidy frame, its provenance, and the planned cells."""
+
+    frame: pd.DataFrame
+    provenance: dict[str, Any]
+    expected: pd.DataFrame | None  # columns variant, seed; None when nothing says which cells were planned
+
+
+def load_runs(tracking_uri: str | None, *, experiment: str | None = None, parent_run_id: str | None = None,
+              page_size: int = 1000, read_artifacts: bool = True) -> GridRuns:
+    """Load every cell run of an experiment (all its grid launches) or of one grid's parent run.
+
+    With a parent run, its children are loaded, plus the runs of its planned cells (by ``cell_hash``)
+    that an earlier launch of the grid finished under another parent (the harness skips those).
+
+    Args:
+        tracking_uri: see :func:`reader_uri`.
+        experiment: experiment name; exactly one of ``experiment`` and ``parent_run_id``.
+        parent_run_id: a grid's parent run.
+        page_size: runs per search request (pages are followed to the end).
+        read_artifacts: read ``per_class_iou.csv`` and the planned cells (``grid.json``).
+
+    Raises:
+        ConfigError: unknown store, experiment or run, or no cell run.
+    """
+    from reports.load import tidy_frame
+
+    if (experiment is None) == (parent_run_id is None):
+        raise ConfigError("give exactly one of experiment (--experiment NAME) and parent run (--run ID)")
+    uri = reader_uri(tracking_uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bar per artifact read
+    client = MlflowClient(tracking_uri=uri)
+    if parent_run_id is not None:
+        try:
+            parents = [client.get_run(parent_run_id)]
+        except MlflowException:
+            raise ConfigError(f"run {parent_run_id!r} not found in tracking store {uri}") from None
+        exp = client.get_experiment(parents[0].info.experiment_id)
+    else:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            known = [e.name for e in client.search_experiments(max_results=20)]
+            raise ConfigError(f"experiment {experiment!r} not found in tracking store {uri}: known experiments: "
+                              f"{', '.join(known) or 'none'}")
+    every = list(iter_runs(client, [exp.experiment_id], page_size=page_size))
+    referenced = {r.data.tags.get(Tag.PARENT) for r in every} - {None}
+    if parent_run_id is None:
+        parents = [r for r in every if _is_parent(r, referenced)]
+    plan = [c for p in parents for c in _plan(client, p)] if read_artifacts else []
+    hashes = {c.get("hash") for c in plan} - {None}
+    ids = {p.info.run_id for p in parents}
+    runs = [r for r in every if not _is_parent(r, referenced)
+            and (parent_run_id is None or r.data.tags.get(Tag.PARENT) in ids
+                 or r.data.tags.get(Tag.CELL_HASH) in hashes)]
+    if not runs:
+        where = f"parent run {parent_run_id!r}" if parent_run_id else f"experiment {experiment!r}"
+        raise ConfigError(f"{where} has no cell runs in tracking store {uri}")
+    frame = tidy_frame(_record(r, exp.name, _per_class_artifact(client, r) if read_artifacts else {}) for r in runs)
+    return GridRuns(frame=frame, provenance=_provenance(uri, exp, parents, runs),
+                    expected=_expected(plan, parents, frame))
+
+
+def _record(run: Any, experiment: str, per_class: dict[str, float]) -> dict[str, Any]:
+    """An MLflow run -> the plain record :func:`reports.load.tidy_frame` takes."""
+    tags = run.data.tags
+    fields = {"run_id": run.info.run_id, "parent_run_id": tags.get(Tag.PARENT), "experiment": experiment,
+              "experiment_id": run.info.experiment_id, "run_name": run.info.run_name, "status": run.info.status,
+              "start_time": run.info.start_time, **{t: tags.get(t) for t in RUN_TAGS}}
+    return {"run": fields, "params": dict(run.data.params), "metrics": {**run.data.metrics, **per_class}}
+
+
+def _per_class_artifact(client: Any, run: Any) -> dict[str, float]:
+    """``iou_<class>`` from ``per_class_iou.csv`` when the run logged no ``iou_*`` metric and finished."""
+    if run.info.status != "FINISHED" or any(k.startswith("iou_") for k in run.data.metrics):
+        return {}
+    if "per_class_iou.csv" not in {f.path for f in client.list_artifacts(run.info.run_id)}:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run.info.run_id, "per_class_iou.csv", tmp)
+        with open(path, newline="") as fh:
+            return {f"iou_{r['class_name']}": float(r["iou"]) if r["iou"] else float("nan")
+                    for r in csv.DictReader(fh)}
+
+
+def _plan(client: Any, parent: Any) -> list[dict[str, Any]]:
+    """The planned cells of a grid: its parent's ``grid.json`` (``{"cells": [{"variant", "seed", "hash"}]}``);
+    empty when it was not logged (a study's parent)."""
+    if "grid.json" not in {f.path for f in client.list_artifacts(parent.info.run_id)}:
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = json.loads(Path(client.download_artifacts(parent.info.run_id, "grid.json", tmp)).read_text())
+    return list(data.get("cells", []))
+
+
+def _is_parent(run: Any, referenced: set[str]) -> bool:
+    return run.info.run_id in referenced or run.data.tags.get(Tag.KIND) == KIND_GRID
+
+
+def _expected(plan: list[dict[str, Any]], parents: list[Any], frame: pd.DataFrame) -> pd.DataFrame | None:
+    """Planned (variant, seed) cells: the plan if logged, else every variant seen x the parents' ``seeds``
+    param; None when neither is known (the report then expects every seed seen)."""
+    if plan:
+        return pd.DataFrame(plan, columns=["variant", "seed"]).drop_duplicates()
+    seeds = sorted({s for p in parents for s in json.loads(p.data.params.get("seeds", "[]"))})
+    if not seeds:
+        return None
+    variants = pd.unique(frame["variant"])
+    return pd.MultiIndex.from_product([variants, seeds], names=["variant", "seed"]).to_frame(index=False)
+
+
+def _provenance(uri: str, exp: Any, parents: list[Any], runs: list[Any]) -> dict[str, Any]:
+    """Spec, experiment, parent runs, git SHAs, hardware and run dates for the report header."""
+    def uniq(values: Any) -> list[str]:
+        return sorted({v for v in values if v})
+
+    ptags = [p.data.tags for p in parents]
+    times = [r.info.start_time for r in runs if r.info.start_time]
+    stamp = [dt.datetime.fromtimestamp(t / 1000, dt.timezone.utc).isoformat(timespec="seconds") for t in
+             (min(times), max(times))] if times else []
+    smoke = any(str(t.get(Tag.SMOKE)).lower() == "true" for t in ptags)
+    return {
+        "spec": exp.name,  # the experiment is named after the spec ("-smoke" appended under --smoke)
+        "spec_path": ", ".join(uniq(t.get(Tag.SPEC) for t in ptags)),
+        "smoke": "yes: a few steps on tiny inputs, the numbers are not results" if smoke else None,
+        "spec_baseline": next((t[Tag.BASELINE] for t in ptags if t.get(Tag.BASELINE)), None),
+        "experiment": exp.name,
+        "experiment_id": exp.experiment_id,
+        "parent_run_ids": [p.info.run_id for p in parents],
+        "tracking_uri": uri,
+        "git_sha": uniq([*(t.get(Tag.GIT_SHA) for t in ptags), *(r.data.tags.get(Tag.GIT_SHA) for r in runs)]),
+        "hardware": uniq(r.data.tags.get(Tag.DEVICE) for r in runs),
+        "torch": uniq(r.data.tags.get(Tag.TORCH) for r in runs),
+        "hosts": uniq(r.data.tags.get(Tag.HOST) for r in runs),
+        "runs_started": " to ".join(stamp),
+    }
+
+
+def write_report_from_mlflow(tracking_uri: str | None, *, experiment: str | None = None,
+                             parent_run_id: str | None = None, out_dir: str | Path, baseline: str | None = None,
+                             method: str = "ttest", alpha: float = 0.05) -> dict[str, Path]:
+    """Load a grid from MLflow and write its report (:func:`reports.build.write_report`).
+
+    ``ddsm-bench run`` calls this at the end of every grid; ``ddsm-bench report`` is the same from the CLI.
+    Returns ``{relative path: path}`` of every written file (``report.md`` among them).
+    """
+    from reports.build import write_report
+
+    grid = load_runs(tracking_uri, experiment=experiment, parent_run_id=parent_run_id)
+    return write_report(grid.frame, out_dir, baseline=baseline, provenance=grid.provenance, method=method,
+                        alpha=alpha, expected=grid.expected)

@@ -1,0 +1,172 @@
+"""What runs inside a trial's process (no Ray, no MLflow): one attempt of one cell or study trial.
+
+:func:`run_trial` trains a :class:`~harness.driver.TrialPayload` with the engine in the cell folder
+(resuming from its last checkpoint), sends progress to the driver through an :class:`EventSink`
+(an engine Callback), and returns a :class:`~harness.driver.TrialOutcome`; it never raises for a
+training failure (the failure is classified: oom, nan, error, killed). :data:`CELL_ARTIFACTS` is
+the one list of files a finished or failed trial uploads.
+
+Cell folder: the engine's outputs (config.yaml, metrics.json, per_class_iou.csv, confusion.csv,
+checkpoints/) plus ``attempts.jsonl`` (one line per launch), ``train.log`` (this process's output),
+``result.json`` (written when the attempt finished) and ``failure.rank<r>.json`` (when it failed).
+
+Test hook: ``DDSM_BENCH_FAIL_ONCE=<class>:<dir>`` (read by the driver, passed in the payload) makes
+every trial fail its first launch with that failure class (error, nan, oom, killed), using
+``<dir>/<key>`` as marker.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from ddsm.config import from_dict
+from ddsm.engine.callbacks import Callback, scalar_metrics
+from harness.driver import RESULT_FILE, Event, TrialOutcome, TrialPayload, write_json
+
+__all__ = ["CELL_ARTIFACTS", "FAIL_ONCE_ENV", "EventSink", "cell_artifacts", "root_cause", "run_trial"]
+
+FAIL_ONCE_ENV = "DDSM_BENCH_FAIL_ONCE"
+# Uploaded with every trial's tracking run, where they exist (the checkpoint only on request).
+CELL_ARTIFACTS = ("config.yaml", "metrics.json", "per_class_iou.csv", "confusion.csv", "attempts.jsonl", "train.log",
+                  "error.txt")
+
+
+def cell_artifacts(cell_dir: str | Path, *, checkpoint: bool = False) -> list[tuple[Path, str | None]]:
+    """``(file, artifact folder)`` pairs of :data:`CELL_ARTIFACTS` (and ``checkpoints/last.pt``)."""
+    d = Path(cell_dir)
+    out: list[tuple[Path, str | None]] = [(d / f, None) for f in CELL_ARTIFACTS]
+    if checkpoint:
+        out.append((d / "checkpoints" / "last.pt", "checkpoints"))
+    return out
+
+
+def run_trial(payload: TrialPayload, queue: Any | None, *, rank: int = 0, reraise: bool = False) -> TrialOutcome:
+    """Train one attempt in this process; return its outcome (failures are caught and classified).
+
+    Args:
+        payload: the trial and attempt.
+        queue: anything with ``put(Event)`` (a Ray queue) receiving progress; None on ranks > 0.
+        rank: distributed rank (only rank 0 logs attempts and writes result.json).
+        reraise: re-raise a training exception after recording it (DDP: the other ranks must stop too).
+    """
+    import torch
+
+    from ddsm import engine
+    from ddsm.engine.failures import classify_failure
+
+    cell_dir = Path(payload.cell_dir)
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    _redirect_output(cell_dir / ("train.log" if rank == 0 else f"train.rank{rank}.log"))
+    cfg = from_dict(payload.config).validate()
+    device = _device_name(cfg.train.device)
+    if rank == 0:
+        _append_json(cell_dir / "attempts.jsonl", {
+            "attempt": payload.attempt, "time": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
+            "resumed": (cell_dir / "checkpoints" / "last.pt").is_file(), "device": device})
+    sink = EventSink(queue, key=payload.key, attempt=payload.attempt) if queue is not None else None
+    if sink is not None:
+        sink.send("start", 0, {}, info={"device": device, "torch": torch.__version__, "host": socket.gethostname()})
+    try:
+        _maybe_fail_once(payload, rank=rank)
+        metrics = engine.train(cfg, out_dir=cell_dir, callbacks=[sink] if sink else [], resume=True)
+    except BaseException as e:  # noqa: BLE001 - every failure is classified and reported to the driver
+        record = {"failure_class": classify_failure(e), "error": f"{type(e).__name__}: {e}",
+                  "traceback": traceback.format_exc(), "rank": rank}
+        write_json(cell_dir / f"failure.rank{rank}.json", record)
+        if reraise:
+            raise
+        return _failed(record)
+    final = scalar_metrics(metrics)
+    if rank == 0:
+        write_json(cell_dir / RESULT_FILE, {"cell_hash": payload.cell_hash, "metrics": final})
+    return TrialOutcome(status="finished", metrics=final)
+
+
+def root_cause(cell_dir: str | Path) -> TrialOutcome | None:
+    """The failure of a DDP attempt from its ranks' ``failure.rank*.json``: the root cause wins over its
+    echoes (one rank's OOM or NaN makes the others fail in a collective); None when no rank wrote one."""
+    from ddsm.engine.failures import FAILURE_CLASSES
+
+    records = [json.loads(p.read_text()) for p in sorted(Path(cell_dir).glob("failure.rank*.json"))]
+    records.sort(key=lambda r: FAILURE_CLASSES.index(r["failure_class"]))
+    return _failed(records[0]) if records else None
+
+
+def _failed(record: dict[str, Any]) -> TrialOutcome:
+    return TrialOutcome(status="failed", failure_class=record["failure_class"], error=record["error"],
+                        traceback=record.get("traceback", ""))
+
+
+class EventSink(Callback):
+    """The engine callback that forwards progress to the driver as :class:`~harness.driver.Event` (trials
+    never talk to MLflow)."""
+
+    rank_zero_only = True
+
+    def __init__(self, queue: Any, *, key: str, attempt: int) -> None:
+        self.queue, self.key, self.attempt = queue, key, attempt
+
+    def send(self, kind: str, step: int, metrics: dict, *, info: dict[str, str] | None = None) -> None:
+        """Put one event on the queue."""
+        self.queue.put(Event(key=self.key, attempt=self.attempt, kind=kind, step=int(step),
+                             metrics=scalar_metrics(metrics), time=time.time(), info=info or {}))
+
+    def on_train_step(self, step: int, metrics: dict) -> None:
+        """Train loss, lr, step time."""
+        self.send("train", step, metrics)
+
+    def on_eval(self, step: int, metrics: dict) -> None:
+        """Validation metrics."""
+        self.send("eval", step, metrics)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        """A checkpoint is on disk."""
+        self.send("checkpoint", step, {})
+
+
+def _maybe_fail_once(payload: TrialPayload, *, rank: int) -> None:
+    """The DDSM_BENCH_FAIL_ONCE test hook: fail the first launch of each trial with the given class."""
+    if not payload.fail_once or rank != 0:
+        return
+    kind, _, folder = payload.fail_once.partition(":")
+    marker = Path(folder) / payload.key
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(kind)
+    if kind == "killed":
+        os._exit(1)  # the worker process dies: the launcher reports a crashed worker
+    if kind == "nan":
+        from ddsm.engine.failures import TrainingDiverged
+
+        raise TrainingDiverged(1, float("nan"))
+    if kind == "oom":
+        raise MemoryError("injected out of memory (DDSM_BENCH_FAIL_ONCE)")
+    raise RuntimeError("injected failure (DDSM_BENCH_FAIL_ONCE)")
+
+
+def _device_name(wanted: str) -> str:
+    import torch
+
+    if wanted != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return "cpu"
+
+
+def _redirect_output(path: Path) -> None:
+    """Send this process's stdout/stderr (fd level) to ``path``: the driver's terminal stays readable."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush(), sys.stderr.flush()
+    os.dup2(fd, 1), os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _append_json(path: Path, obj: Any) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(obj) + "\n")
