@@ -193,8 +193,8 @@ T = {}
 def lap(name, t0):
     T[name] = time.perf_counter() - t0
 t = time.perf_counter(); import torch, torchvision, ddsm.models, harness.spec; lap("import torch, torchvision, ddsm", t)
-t = time.perf_counter(); import ray, harness.ray_backend as rb, harness.session as rs; lap("import ray", t)
-t = time.perf_counter(); import harness.mlflow_io, harness.console; lap("import mlflow, rich", t)
+t = time.perf_counter(); import ray, harness.ray_backend as rb; lap("import ray", t)
+t = time.perf_counter(); import harness.mlflow_io, harness.console, harness.session as rs; lap("import mlflow, rich", t)
 t = time.perf_counter(); rb.connect(None); lap("ray.init (local instance)", t)
 @ray.remote(max_calls=1)
 def bare():
