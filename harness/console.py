@@ -125,13 +125,14 @@ def comparison_rows(results: Sequence[Any]) -> list[dict[str, Any]]:
     keys = sorted({k for ms in done.values() for m in ms for k in m})
     values = pd.DataFrame([{"variant": v, "seed": i, **m} for v, ms in done.items() for i, m in enumerate(ms)],
                           columns=["variant", "seed", *keys])
-    stats = seed_stats(values, metrics=keys, variants=list(groups)) if keys else None
+    stats = seed_stats(values, metrics=keys, variants=list(groups)) if keys else values
+    by_variant = {v: g for v, g in stats[stats["n"].gt(0)].groupby("variant", sort=False)} if keys else {}
     rows = []
     for variant, rs in groups.items():
-        mine = stats[stats["variant"].eq(variant) & stats["n"].gt(0)] if stats is not None else []
-        mean = {m: float(x) for m, x in zip(mine["metric"], mine["mean"])} if len(mine) else {}
+        mine = by_variant.get(variant)
+        mean = {m: float(x) for m, x in zip(mine["metric"], mine["mean"])} if mine is not None else {}
         std = {m: float(s) if n > 1 else 0.0 for m, s, n in zip(mine["metric"], mine["std"], mine["n"])} \
-            if len(mine) else {}
+            if mine is not None else {}
         rows.append({"variant": variant, "n": len(done[variant]), "of": len(rs), "reference": rs[0].cell.reference,
                      "mean": mean, "std": std})
     by_name = {row["variant"]: row for row in rows}
