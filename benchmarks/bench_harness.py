@@ -159,7 +159,7 @@ def run_breakdown(start: float, end: float, out: Path, cells: list[dict]) -> dic
         "engine: build, ckpt, eval, trial_cost": sum(s["end"] - s["start"] - s["train_loop_s"] for s in spans),
         "record per trial: return, MLflow, artifacts": sum(r["end"] - s["end"] for r, s in by_hash.values()),
         "between trials: poll, next MLflow run": sum(gaps),
-        "end: comparison artifact, close grid run": runs["grid"]["end"] - cell_runs[-1]["end"],
+        "end: grid.json artifact, close grid run": runs["grid"]["end"] - cell_runs[-1]["end"],
         "end: summary, report, ray.shutdown, exit": end - runs["grid"]["end"],
     }
 
@@ -178,7 +178,7 @@ def train_breakdown(calls: list[tuple[float, float, int]], spans: list[dict[str,
         "engine: build, ckpt, eval, trial_cost": sum(s["end"] - s["start"] - s["train_loop_s"] for s in spans),
         "record per trial: return, MLflow, artifacts": sum(c[1] - s["end"] for c, s in zip(calls, spans)),
         "between trials: poll, next MLflow run": 0.0,
-        "end: comparison artifact, close grid run": 0.0,
+        "end: grid.json artifact, close grid run": 0.0,
         "end: summary, report, ray.shutdown, exit": 0.0,
     }
 
