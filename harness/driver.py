@@ -268,7 +268,8 @@ def drive(policy: Policy, launcher: Launcher, recorder: Recorder, console: Conso
 
     First :meth:`Policy.start`; then, step by step: launch while there is room, wait (at most
     :data:`POLL_S`) for attempts to end, deliver events (the policy may stop an attempt), record the
-    outcomes of those that ended, flush the recorder, redraw. When ``stop`` is raised, the interrupt path of the module docstring runs.
+    outcomes of those that ended, flush the recorder, redraw. When ``stop`` is raised, the interrupt
+    path of the module docstring runs.
     """
     flight: dict[str, _Flight] = {}  # job key -> in flight
     try:

@@ -143,8 +143,8 @@ def open_study(spec: TuneSpec, *, storage: Any, study_name: str, seed_offset: in
                                 directions=search.directions, load_if_exists=True)
     stored = [d.name.lower() for d in study.directions]
     if stored != search.directions:
-        raise ConfigError(f"study {study_name!r} in {redact(str(storage))} optimises {stored}, not {search.directions}: "
-                          "use another --out, search.storage or search.study_name")
+        raise ConfigError(f"study {study_name!r} in {redact(str(storage))} optimises {stored}, not "
+                          f"{search.directions}: use another --out, search.storage or search.study_name")
     fingerprint = study.user_attrs.get("search_fingerprint")
     if fingerprint is None:
         study.set_user_attr("search_fingerprint", search.fingerprint())

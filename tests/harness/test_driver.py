@@ -67,7 +67,8 @@ def _grid(grid, out: Path, recorder: MemoryRecorder, launcher: FakeLauncher, *, 
     spec, cells = grid
     parent = recorder.start_parent(key="grid", name="g", tags={}, params={})
     policy = GridPolicy(spec=spec, cells=cells, out=out, recorder=recorder, parent=parent, sha="sha")
-    interrupted = drive(policy, launcher, recorder, _NoConsole(), limit=limit, stop=stop if stop is not None else StopFlag())
+    stop = stop if stop is not None else StopFlag()
+    interrupted = drive(policy, launcher, recorder, _NoConsole(), limit=limit, stop=stop)
     return policy, interrupted
 
 
@@ -223,7 +224,8 @@ def _study(spec, study, out: Path, recorder: MemoryRecorder, launcher: FakeLaunc
     log = StudyLog(Console(file=io.StringIO()))
     policy = StudyPolicy(spec=spec, book=StudyBook(study), recorder=recorder, parent=parent, out=out, sha="sha",
                          budget=budget, limit=limit, log=log)
-    return policy, drive(policy, launcher, recorder, log, limit=limit, stop=stop if stop is not None else StopFlag())
+    stop = stop if stop is not None else StopFlag()
+    return policy, drive(policy, launcher, recorder, log, limit=limit, stop=stop)
 
 
 def _new_study(spec):
