@@ -4,14 +4,18 @@ Each subcommand lives in its own module ``harness/cmd_<name>.py`` exposing ``reg
 they are imported explicitly (a broken command fails loudly instead of vanishing from ``--help``) and
 keep their heavy imports (torch, ray, mlflow, optuna) inside the handlers, so ``ddsm-bench --help``
 stays fast. Bad input (a :class:`ddsm.config.ConfigError`) exits 2 with one readable line, never a
-traceback; Ctrl-C outside a grid or study loop exits 130.
+traceback; a tracking store lost while a grid or study is being opened exits 3; Ctrl-C outside a grid
+or study loop exits 130 (the codes: :mod:`harness.exit_codes`).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from harness.driver import TrackingLost
+
 from ddsm.config import ConfigError
+from harness import exit_codes
 from harness import cmd_evaluate, cmd_models, cmd_profile, cmd_report, cmd_run, cmd_train, cmd_tune
 
 # Order here is the order in `ddsm-bench --help`.
@@ -23,7 +27,8 @@ class UsageError(ConfigError):
 
 
 def add_cluster_args(p: argparse.ArgumentParser, *, what: str) -> None:
-    """The options ``run`` and ``tune`` share: --out, --address, --tracking-uri, --max-concurrent, --smoke.
+    """The options ``run`` and ``tune`` share: --out, --address, --tracking-uri, --max-concurrent,
+    --tracking-outage-s.
 
     ``what`` names the thing being run in the help ("grid", "study").
     """
@@ -35,6 +40,10 @@ def add_cluster_args(p: argparse.ArgumentParser, *, what: str) -> None:
     default = "search.concurrency, else what the cluster fits" if what == "study" else \
         "as many as the cluster's resources allow"
     p.add_argument("--max-concurrent", type=int, default=None, help=f"trials in flight at once (default: {default})")
+    p.add_argument("--tracking-outage-s", type=float, default=None, metavar="SECONDS",
+                   help="how long the tracking store may stay unreachable mid-run before the driver stops cleanly "
+                   "(exit 3; writes are buffered meanwhile and the trials go on; default: the spec's "
+                   "tracking_outage_s, 1800)")
 
 
 def check_positive(**options: int | None) -> None:
@@ -42,6 +51,13 @@ def check_positive(**options: int | None) -> None:
     for name, value in options.items():
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')}={value} is not allowed: expected an integer >= 1")
+
+
+def check_seconds(**options: float | None) -> None:
+    """Raise UsageError for a duration option given <= 0."""
+    for name, value in options.items():
+        if value is not None and not value > 0:
+            raise UsageError(f"--{name.replace('_', '-')}={value:g} is not allowed: expected seconds > 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,10 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
     except ConfigError as e:
         print(f"ddsm-bench {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return exit_codes.BAD_INPUT
+    except TrackingLost as e:
+        print(f"ddsm-bench {args.command}: stopped: {e}; re-run the same command once the store is back",
+              file=sys.stderr)
+        return exit_codes.TRACKING_LOST
     except KeyboardInterrupt:
         print(f"ddsm-bench {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return exit_codes.INTERRUPTED
     return int(rc or 0)
 
 

@@ -1,8 +1,11 @@
 """``ddsm-bench run SPEC``: run an ablation grid on Ray, tracked in MLflow, resumable.
 
-Exit codes: 0 every cell finished, 1 some cells failed after their retries (the others completed),
-2 bad input (spec, resources, storage; nothing was launched), 130 interrupted (Ctrl-C / SIGTERM:
-running cells are marked KILLED; re-run the same command to resume).
+Exit codes (harness/exit_codes.py): 0 every cell finished, 1 some cells failed after their retries
+(the others completed), 2 bad input (spec, --out or --out held by another driver, tracking store,
+resources, storage; nothing was launched), 3 the tracking store stayed unreachable past
+--tracking-outage-s (finished cells are on disk, running ones checkpointed, buffered writes journaled),
+4 the Ray cluster was lost, 130 interrupted (Ctrl-C / SIGTERM: running cells checkpoint and are marked
+KILLED). After 3, 4 and 130, re-run the same command: it records everything and resumes.
 """
 from __future__ import annotations
 
@@ -30,10 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Validate the spec, then dry-run or run the grid; return the exit code."""
-    from harness.cli import check_positive
+    from harness.cli import check_positive, check_seconds
     from harness.spec import load_spec
 
     check_positive(max_concurrent=args.max_concurrent)
+    check_seconds(tracking_outage_s=args.tracking_outage_s)
     spec = load_spec(args.spec, smoke=args.smoke, check_paths=args.address is None)
     if args.dry_run:
         dry_run(spec)
@@ -42,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else Path("runs") / spec.name
     summary = run_grid(spec, out_dir=out, address=args.address, tracking_uri=args.tracking_uri,
-                       max_concurrent=args.max_concurrent, log_checkpoints=args.log_checkpoints)
+                       max_concurrent=args.max_concurrent, log_checkpoints=args.log_checkpoints,
+                       tracking_outage_s=args.tracking_outage_s)
     return summary.exit_code
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -30,11 +31,13 @@ from typing import Any
 from ddsm.config import to_dict
 from harness import console as view
 from harness.cells import Cell, expand, grid_hash
-from harness.driver import Event, Job, Policy, Recorder, TrialOutcome, TrialPayload, read_result, write_json
+from harness.driver import (Event, Job, Policy, Recorder, TrialOutcome, TrialPayload, append_jsonl, read_result,
+                            write_json)
 from harness.mlflow_io import Tag, record_event, write_report_from_mlflow
-from harness.session import cluster, default_concurrency, git_sha, open_recorder, run_policy
+from harness.session import (claim_out, close_recorder, cluster, default_concurrency, git_sha, open_recorder, run_policy,
+                             stop_exit_code)
 from harness.spec import GridSpec, flatten, load_spec
-from harness.worker import FAIL_ONCE_ENV, cell_artifacts
+from harness.worker import FAIL_ONCE_ENV, OUTCOMES_FILE, cell_artifacts
 
 __all__ = ["CellResult", "GridPolicy", "GridSummary", "run_grid", "write_grid_json"]
 
@@ -47,18 +50,25 @@ class CellResult:
     status: str = "pending"  # pending | running | retrying | finished | skipped | failed | killed
     metrics: dict[str, float] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)  # failure class of every failed attempt
-    attempts: int = 0  # launches in this invocation
+    attempts: int = 0  # launches in this invocation (the retry budget)
+    earlier: int = 0  # launches by earlier invocations (its attempts.jsonl)
     run_id: str | None = None
     step: int = 0
     last_miou: float | None = None
     started: float | None = None
     elapsed: float = 0.0
     device: str = ""
+    node_id: str = ""  # where the latest attempt runs
 
     @property
     def done(self) -> bool:
         """Finished now or before."""
         return self.status in ("finished", "skipped")
+
+    @property
+    def launches(self) -> int:
+        """Launches of the cell over every invocation (the ``attempts`` tag)."""
+        return self.earlier + self.attempts
 
 
 @dataclass
@@ -72,13 +82,15 @@ class GridSummary:
     parent_run_id: str
     results: list[CellResult]
     interrupted: bool = False
+    stop_reason: str | None = None  # signal | tracking | cluster (see harness.driver.StopFlag)
+    stop_message: str = ""
+    journaled: int = 0  # tracking writes left in <out>/tracking-journal.json for the next run
 
     @property
     def exit_code(self) -> int:
-        """130 interrupted, 1 some cell failed after retries, 0 every cell finished."""
-        if self.interrupted:
-            return 130
-        return 0 if all(r.done for r in self.results) else 1
+        """:mod:`harness.exit_codes`: 3 tracking store lost, 4 cluster lost, 130 interrupted, 1 some cell failed
+        after its retries, 0 every cell finished."""
+        return stop_exit_code(self, ok=all(r.done for r in self.results))
 
 
 class GridPolicy(Policy):
@@ -99,6 +111,7 @@ class GridPolicy(Policy):
         self.log_checkpoints, self.fail_once = log_checkpoints, fail_once
         self.results = [CellResult(cell=c) for c in cells]
         self.pending: deque[CellResult] = deque()
+        self.notes: list[str] = []  # lines for the user about what start() found
 
     def cell_dir(self, cell: Cell) -> Path:
         """``<out>/cells/<hash>``."""
@@ -107,7 +120,9 @@ class GridPolicy(Policy):
     def start(self) -> None:
         """Mark cells finished in MLflow as skipped; record finished-but-unrecorded ones; reuse other runs."""
         runs = self.recorder.cell_runs()
+        rebuilt = 0
         for r in self.results:
+            r.earlier = _launches(self.cell_dir(r.cell))
             found = runs.get(r.cell.hash)
             if found and found.status == "FINISHED":
                 r.status, r.run_id = "skipped", found.run_id
@@ -118,6 +133,10 @@ class GridPolicy(Policy):
             if metrics is not None:  # trained to the end, but the driver died before recording it
                 self._open_run(r)
                 self._finish(r, metrics)
+                rebuilt += 1
+        if rebuilt:
+            self.notes.append(f"recorded {rebuilt} finished cell(s) from their result.json: the tracking store "
+                              "did not have them (a driver stopped before recording them, or a new store)")
         self.pending.extend(r for r in self.results if r.status == "pending")
 
     def next_job(self) -> Job | None:
@@ -128,10 +147,10 @@ class GridPolicy(Policy):
         if r.run_id is None or r.attempts == 0:
             self._open_run(r)
         r.attempts += 1
-        r.status, r.started, r.step = "running", time.time(), 0
+        r.status, r.started, r.step, r.node_id = "running", time.time(), 0, ""
         payload = TrialPayload(key=r.cell.hash, cell_hash=r.cell.hash, name=r.cell.name, config=to_dict(r.cell.config),
-                               cell_dir=str(self.cell_dir(r.cell)), attempt=r.attempts, fail_once=self.fail_once)
-        self.recorder.set_tags(r.run_id, {Tag.ATTEMPTS: r.attempts, Tag.STATUS: "running"})
+                               cell_dir=str(self.cell_dir(r.cell)), attempt=r.launches, fail_once=self.fail_once)
+        self.recorder.set_tags(r.run_id, {Tag.ATTEMPTS: r.launches, Tag.STATUS: "running"})
         return Job(payload=payload, owner=r)
 
     def on_event(self, job: Job, event: Event, *, final: bool) -> bool:
@@ -139,7 +158,7 @@ class GridPolicy(Policy):
         r: CellResult = job.owner
         r.step = max(r.step, event.step)
         if event.kind == "start":
-            r.device = event.info.get("device", "")
+            r.device, r.node_id = event.info.get("device", ""), event.info.get("node_id", "")
         elif event.kind == "eval" and "miou" in event.metrics:
             r.last_miou = event.metrics["miou"]
         record_event(self.recorder, r.run_id, event)
@@ -149,6 +168,7 @@ class GridPolicy(Policy):
         """Record a finished attempt, or its failure; queue a retry when the class allows one."""
         r: CellResult = job.owner
         r.elapsed += time.time() - (r.started or time.time())
+        self._outcome_line(r, job, outcome.status, outcome.failure_class, outcome.error)
         if outcome.finished:
             self._finish(r, outcome.metrics)
             return
@@ -169,6 +189,7 @@ class GridPolicy(Policy):
         """Mark the cell's run KILLED (re-running the grid resumes it from its checkpoint)."""
         r: CellResult = job.owner
         r.elapsed += time.time() - (r.started or time.time())
+        self._outcome_line(r, job, "interrupted", "killed", "the driver stopped (re-run to resume)")
         self._kill(r)
 
     def on_stop(self) -> None:
@@ -176,6 +197,13 @@ class GridPolicy(Policy):
         for r in self.pending:
             if r.status == "retrying":
                 self._kill(r)
+
+    def _outcome_line(self, r: CellResult, job: Job, status: str, failure_class: str, error: str) -> None:
+        """One line in the cell's outcomes.jsonl: how this attempt ended, and on which node."""
+        node = r.node_id or _node_in(error)
+        append_jsonl(self.cell_dir(r.cell) / OUTCOMES_FILE, {
+            "attempt": job.attempt, "time": time.time(), "status": status, "failure_class": failure_class,
+            "node_id": node, "error": error[:500]})
 
     def _kill(self, r: CellResult) -> None:
         r.status = "killed"
@@ -196,10 +224,22 @@ class GridPolicy(Policy):
         self.recorder.log_metrics(r.run_id, metrics, step=r.cell.config.train.steps)
         self.recorder.end_run(r.run_id, status="FINISHED", artifacts=self._artifacts(r), tags={
             Tag.STATUS: "finished", Tag.FAILURE_CLASS: "none", Tag.FAILURES: ",".join(r.failures),
-            Tag.ATTEMPTS: r.attempts, Tag.ELAPSED_S: round(r.elapsed, 1)})
+            Tag.ATTEMPTS: r.launches, Tag.ELAPSED_S: round(r.elapsed, 1)})
 
     def _artifacts(self, r: CellResult) -> list[tuple[Path, str | None]]:
         return cell_artifacts(self.cell_dir(r.cell), checkpoint=self.log_checkpoints)
+
+
+def _launches(cell_dir: Path) -> int:
+    """Launches recorded in a cell's attempts.jsonl (one line per launch, every invocation)."""
+    path = cell_dir / "attempts.jsonl"
+    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
+
+
+def _node_in(error: str) -> str:
+    """The node id a Ray error message names ("... node <id>)"), else ""."""
+    m = re.search(r"node (?:ID: )?([0-9a-f]{16,})", error)
+    return m.group(1) if m else ""
 
 
 def write_grid_json(path: Path, spec: GridSpec, cells: list[Cell]) -> None:
@@ -211,22 +251,27 @@ def write_grid_json(path: Path, spec: GridSpec, cells: list[Cell]) -> None:
 
 def run_grid(spec: GridSpec | str | Path, *, out_dir: str | Path, address: str | None = None,
              tracking_uri: str | None = None, max_concurrent: int | None = None, smoke: bool = False,
-             log_checkpoints: bool = False, console: Any = None) -> GridSummary:
+             log_checkpoints: bool = False, tracking_outage_s: float | None = None,
+             console: Any = None) -> GridSummary:
     """Run every cell of a grid on Ray, tracked in MLflow, resuming an earlier run in ``out_dir``.
 
     Args:
         spec: a GridSpec (its mode as loaded) or the path of a spec file.
-        out_dir: where cells, checkpoints and (by default) the MLflow store live.
+        out_dir: where cells, checkpoints and (by default) the MLflow store live; locked while the grid runs.
         address: a Ray cluster to join (None: start a local instance, or reuse an initialised one); with
             an address, dataset folders are not checked here (they must exist on the workers).
         tracking_uri: MLflow tracking URI (None: ``sqlite:///<out>/mlflow.db``).
         max_concurrent: trials in flight at once (None: as many as the cluster's resources allow).
         smoke: run the spec under --smoke (see :data:`harness.spec.SMOKE_OVERRIDES`).
         log_checkpoints: also upload each cell's last checkpoint as an MLflow artifact.
+        tracking_outage_s: how long the tracking store may stay unreachable before the driver stops
+            (None: the spec's ``tracking_outage_s``).
         console: a rich Console for the live table and the summary (None: stderr and stdout).
 
     Raises:
-        ConfigError: bad spec, unschedulable resources or unshared storage; nothing was launched.
+        ConfigError: bad spec, ``--out`` (or held by another driver), tracking store, unschedulable resources
+            or unshared storage; nothing was launched.
+        TrackingLost: the tracking store went away while the grid was being opened.
     """
     if isinstance(spec, (str, Path)):
         spec = load_spec(spec)
@@ -234,28 +279,39 @@ def run_grid(spec: GridSpec | str | Path, *, out_dir: str | Path, address: str |
     cells = expand(spec)
     res = spec.trial_resources
     out_path = Path(out_dir).resolve()
-    with cluster(address=address, resources=res, out=out_path):
-        recorder = open_recorder(tracking_uri=tracking_uri, out=out_path, experiment=spec.experiment)
-        write_grid_json(out_path / "grid.json", spec, cells)
-        sha = git_sha()
-        parent = recorder.start_parent(
-            key=grid_hash([c.hash for c in cells]), name=spec.name,
-            tags={Tag.SPEC: spec.source, Tag.GIT_SHA: sha, Tag.SMOKE: spec.mode.smoke, Tag.BASELINE: spec.baseline},
-            params={"cells": len(cells), "seeds": spec.seeds, "max_failures": spec.max_failures,
-                    "retry_on": spec.retry_on, **{f"resources.{k}": v for k, v in dataclasses.asdict(res).items()}})
-        policy = GridPolicy(spec=spec, cells=cells, out=out_path, recorder=recorder, parent=parent, sha=sha,
-                            log_checkpoints=log_checkpoints, fail_once=os.environ.get(FAIL_ONCE_ENV))
-        with view.ProgressBoard(policy.results, console=console) as board:
-            interrupted = run_policy(policy, resources=res, recorder=recorder, console=board,
-                                     limit=max_concurrent or default_concurrency(res))
-        recorder.log_artifact(parent, out_path / "grid.json")  # lets the report show cells never run
-        recorder.end_run(parent, status="KILLED" if interrupted else
-                         ("FINISHED" if all(r.done for r in policy.results) else "FAILED"))
+    say = view.line_printer(console)
+    with claim_out(out_path, command=f"ddsm-bench run {spec.source}", say=say), \
+            cluster(address=address, resources=res, out=out_path):
+        recorder = open_recorder(tracking_uri=tracking_uri, out=out_path, experiment=spec.experiment, say=say,
+                                 outage_s=spec.tracking_outage_s if tracking_outage_s is None else tracking_outage_s)
+        stop = None
+        try:
+            write_grid_json(out_path / "grid.json", spec, cells)
+            sha = git_sha()
+            parent = recorder.start_parent(
+                key=grid_hash([c.hash for c in cells]), name=spec.name,
+                tags={Tag.SPEC: spec.source, Tag.GIT_SHA: sha, Tag.SMOKE: spec.mode.smoke,
+                      Tag.BASELINE: spec.baseline},
+                params={"cells": len(cells), "seeds": spec.seeds, "max_failures": spec.max_failures,
+                        "retry_on": spec.retry_on, **{f"resources.{k}": v for k, v in dataclasses.asdict(res).items()}})
+            policy = GridPolicy(spec=spec, cells=cells, out=out_path, recorder=recorder, parent=parent, sha=sha,
+                                log_checkpoints=log_checkpoints, fail_once=os.environ.get(FAIL_ONCE_ENV))
+            with view.ProgressBoard(policy.results, console=console) as board:
+                stop = run_policy(policy, resources=res, recorder=recorder, console=board,
+                                  limit=max_concurrent or default_concurrency(res))
+            for note in policy.notes:
+                say(note)
+            recorder.log_artifact(parent, out_path / "grid.json")  # lets the report show cells never run
+            recorder.end_run(parent, status="KILLED" if stop else
+                             ("FINISHED" if all(r.done for r in policy.results) else "FAILED"))
+        finally:
+            journaled = close_recorder(recorder, stop)
         summary = GridSummary(spec=spec, out_dir=out_path, tracking_uri=recorder.tracking_uri,
                               experiment_id=recorder.experiment_id, parent_run_id=parent, results=policy.results,
-                              interrupted=interrupted)
+                              interrupted=bool(stop), stop_reason=stop.reason, stop_message=stop.message,
+                              journaled=journaled)
         view.print_grid_summary(summary, console=console)
-        if not interrupted:
+        if not stop:
             _write_report(summary, console=console)
         return summary
 

@@ -15,7 +15,10 @@ Store: ``--tracking-uri`` as given; without one, a grid or study writes ``sqlite
 a grid's out folder is read as that SQLite store.
 
 The driver is the only writer (:class:`MlflowRecorder`, the :class:`harness.driver.Recorder` on
-MLflow); trials never import mlflow. The reader (:func:`load_runs`) turns a grid's runs into the
+MLflow, behind :class:`harness.tracking_queue.QueuedRecorder` so the driver never waits on the store;
+:func:`classify_error` tells that queue which errors to retry); trials never import mlflow. A run
+reopened after an interruption keeps one point per metric and step: points at steps it already has
+(the steps a resumed attempt re-runs after its checkpoint) are not logged again. The reader (:func:`load_runs`) turns a grid's runs into the
 tidy frame of :mod:`reports.load`.
 """
 from __future__ import annotations
@@ -36,12 +39,14 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from sqlalchemy.exc import DatabaseError as SqlDatabaseError
+from sqlalchemy.exc import OperationalError as SqlOperationalError
 
 from ddsm.config import ConfigError
 from harness.driver import Event, Recorder
 
-__all__ = ["CellRun", "GridRuns", "MlflowRecorder", "RUN_TAGS", "Tag", "iter_runs", "load_runs", "reader_uri",
-           "record_event", "store_uri", "write_report_from_mlflow"]
+__all__ = ["CellRun", "GridRuns", "MlflowRecorder", "RUN_TAGS", "Tag", "classify_error", "iter_runs", "load_runs",
+           "reader_uri", "record_event", "store_uri", "write_report_from_mlflow"]
 
 for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -83,6 +88,11 @@ class Tag:
     OPTUNA_PARAMS = "optuna_params"
     REQUEUED_FROM = "requeued_from"
     PRUNED_AT_STEP = "pruned_at_step"
+    NODE_ID = "node_id"  # the Ray node of the latest attempt
+    RESUMED_FROM = "resumed_from"  # the checkpoint the latest attempt resumed from ("<path> (step N)")
+    CHECKPOINT_DAMAGED = "checkpoint_damaged"  # checkpoints set aside as damaged before that resume
+    DRIVER = "driver"  # parent: "<host>:<pid>" of the driver running it (harness.tracking_queue)
+    DRIVER_HEARTBEAT = "driver_heartbeat"  # parent: unix time that driver was last seen alive
 
 
 KIND_GRID, KIND_CELL = "grid", "cell"
@@ -156,15 +166,19 @@ class MlflowRecorder:
         experiment: experiment name (the spec name); created if missing.
         artifact_root: where a newly created experiment stores artifacts (None: the server's default).
         """
-        self._client = MlflowClient(tracking_uri=tracking_uri)
         self.tracking_uri = tracking_uri
-        found = self._client.get_experiment_by_name(experiment)
-        if found is not None:
-            self.experiment_id = found.experiment_id
-        else:
-            location = Path(artifact_root).resolve().as_uri() if artifact_root else None
-            self.experiment_id = self._client.create_experiment(experiment, artifact_location=location)
+        try:
+            self._client = MlflowClient(tracking_uri=tracking_uri)
+            found = self._client.get_experiment_by_name(experiment)
+            if found is not None:
+                self.experiment_id = found.experiment_id
+            else:
+                location = Path(artifact_root).resolve().as_uri() if artifact_root else None
+                self.experiment_id = self._client.create_experiment(experiment, artifact_location=location)
+        except SqlDatabaseError as e:
+            raise ConfigError(damaged_store_message(tracking_uri, e)) from None
         self._metrics: dict[str, list[Metric]] = {}
+        self._high: dict[str, dict[str, int]] = {}  # run id -> metric key -> latest step logged
 
     def _search(self, filter_string: str) -> list:
         return list(iter_runs(self._client, [self.experiment_id], filter_string=filter_string))
@@ -199,6 +213,8 @@ class MlflowRecorder:
         if reuse:
             self._client.update_run(reuse, status="RUNNING")
             run_id = reuse
+            latest = self._client.get_run(reuse).data._metric_objs  # the latest point of each key (largest step)
+            self._high[reuse] = {m.key: int(m.step) for m in latest}
         else:
             run_id = self._client.create_run(self.experiment_id, run_name=name,
                                              tags={Tag.PARENT: parent_id, **_str(tags)}).info.run_id
@@ -215,6 +231,21 @@ class MlflowRecorder:
         self._metrics.setdefault(run_id, []).extend(
             Metric(k, float(v), now, int(step)) for k, v in metrics.items() if _is_number(v))
 
+    def log_points(self, run_id: str, points: list[tuple[str, float, int, int]]) -> None:
+        """Send ``(key, value, timestamp ms, step)`` points now (at most 1000), skipping those at a step the run
+        already has for that key."""
+        self._send(run_id, [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in points])
+
+    def _send(self, run_id: str, metrics: list[Metric]) -> None:
+        high = self._high.setdefault(run_id, {})
+        fresh = []
+        for m in metrics:
+            if m.step > high.get(m.key, -1):
+                fresh.append(m)
+                high[m.key] = m.step
+        for i in range(0, len(fresh), _BATCH):
+            self._client.log_batch(run_id, metrics=fresh[i: i + _BATCH])
+
     def log_artifact(self, run_id: str, path: Path) -> None:
         """Upload one file to the run's artifact root."""
         self._client.log_artifact(run_id, str(path))
@@ -223,8 +254,7 @@ class MlflowRecorder:
         """Send every buffered metric, ``log_batch`` by ``log_batch``."""
         pending, self._metrics = self._metrics, {}
         for run_id, metrics in pending.items():
-            for i in range(0, len(metrics), _BATCH):
-                self._client.log_batch(run_id, metrics=metrics[i: i + _BATCH])
+            self._send(run_id, metrics)
 
     def end_run(self, run_id: str, *, status: str, tags: dict[str, Any] | None = None,
                 artifacts: Iterable[tuple[Path, str | None]] = ()) -> None:
@@ -250,6 +280,32 @@ class MlflowRecorder:
             self._client.log_batch(run_id, params=p[i: i + 100], tags=t[i: i + 100])
 
 
+def classify_error(e: BaseException) -> str:
+    """How :class:`harness.tracking_queue.QueuedRecorder` treats an error of the store: ``lost`` (a damaged
+    SQLite file, refused credentials: retrying cannot help), ``refused`` (this one write is invalid, e.g.
+    its run was deleted), else ``retry`` (unreachable server, timeout, 5xx, a locked database)."""
+    from harness.tracking_queue import LOST, REFUSED, RETRY
+
+    if isinstance(e, SqlDatabaseError) and not isinstance(e, SqlOperationalError):
+        return LOST
+    if isinstance(e, MlflowException):
+        if e.error_code in ("PERMISSION_DENIED", "UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED"):
+            return LOST
+        if e.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
+                            "INVALID_STATE", "BAD_REQUEST"):
+            return REFUSED
+    return RETRY
+
+
+def damaged_store_message(uri: str, e: BaseException) -> str:
+    """One line for a tracking store SQLite cannot read, with the remedy."""
+    why = str(getattr(e, "orig", e)).splitlines()[0]
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else uri
+    return (f"tracking store {path} is damaged ({why}): move it aside (mv {path} {path}.damaged) and re-run: the "
+            "grid rebuilds it from the cells' result.json files (final metrics and artifacts; the per-step "
+            "curves are not rebuilt); a study's trials stay in its study.db")
+
+
 def _value(v: Any) -> str:
     return json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
 
@@ -266,7 +322,10 @@ def record_event(recorder: Recorder, run_id: str, event: Event) -> None:
     """What every trial's run records of an event: where it runs (start) and its train/eval metrics."""
     if event.kind == "start":
         recorder.set_tags(run_id, {Tag.DEVICE: event.info.get("device", ""), Tag.TORCH: event.info.get("torch", ""),
-                                   Tag.HOST: event.info.get("host", "")})
+                                   Tag.HOST: event.info.get("host", ""), Tag.NODE_ID: event.info.get("node_id", "")})
+    elif event.kind == "resume":
+        recorder.set_tags(run_id, {Tag.RESUMED_FROM: event.info.get("path", ""),
+                                   Tag.CHECKPOINT_DAMAGED: event.info.get("damaged", "")})
     elif event.kind in ("train", "eval") and event.metrics:
         recorder.log_metrics(run_id, event.metrics, step=event.step)
 
