@@ -28,6 +28,7 @@ import datetime as dt
 import json
 import logging
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -45,14 +46,16 @@ from sqlalchemy.exc import OperationalError as SqlOperationalError
 from ddsm.config import ConfigError
 from harness.driver import Event, Recorder
 
-__all__ = ["CellRun", "GridRuns", "MlflowRecorder", "RUN_TAGS", "Tag", "classify_error", "iter_runs", "load_runs",
-           "reader_uri", "record_event", "store_uri", "write_report_from_mlflow"]
+__all__ = ["CellRun", "GridRuns", "MlflowRecorder", "RUN_TAGS", "Tag", "classify_error", "damaged_store_message",
+           "driver_gone", "iter_runs", "load_runs", "reader_uri", "record_event", "store_uri",
+           "write_report_from_mlflow"]
 
 for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 _BATCH = 1000  # MLflow's per-request limit for metrics (params and tags: 100)
 STORE_FILE = "mlflow.db"
+DRIVER_STALE_S = 150.0  # a driver whose heartbeat (every 30 s, harness.tracking_queue) is older than this is gone
 
 
 class Tag:
@@ -365,20 +368,23 @@ def load_runs(tracking_uri: str | None, *, experiment: str | None = None, parent
         raise ConfigError("give exactly one of experiment (--experiment NAME) and parent run (--run ID)")
     uri = reader_uri(tracking_uri)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bar per artifact read
-    client = MlflowClient(tracking_uri=uri)
-    if parent_run_id is not None:
-        try:
-            parents = [client.get_run(parent_run_id)]
-        except MlflowException:
-            raise ConfigError(f"run {parent_run_id!r} not found in tracking store {uri}") from None
-        exp = client.get_experiment(parents[0].info.experiment_id)
-    else:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            known = [e.name for e in client.search_experiments(max_results=20)]
-            raise ConfigError(f"experiment {experiment!r} not found in tracking store {uri}: known experiments: "
-                              f"{', '.join(known) or 'none'}")
-    every = list(iter_runs(client, [exp.experiment_id], page_size=page_size))
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        if parent_run_id is not None:
+            try:
+                parents = [client.get_run(parent_run_id)]
+            except MlflowException:
+                raise ConfigError(f"run {parent_run_id!r} not found in tracking store {uri}") from None
+            exp = client.get_experiment(parents[0].info.experiment_id)
+        else:
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                known = [e.name for e in client.search_experiments(max_results=20)]
+                raise ConfigError(f"experiment {experiment!r} not found in tracking store {uri}: known experiments: "
+                                  f"{', '.join(known) or 'none'}")
+        every = list(iter_runs(client, [exp.experiment_id], page_size=page_size))
+    except SqlDatabaseError as e:
+        raise ConfigError(damaged_store_message(uri, e)) from None
     referenced = {r.data.tags.get(Tag.PARENT) for r in every} - {None}
     if parent_run_id is None:
         parents = [r for r in every if _is_parent(r, referenced)]
@@ -391,18 +397,52 @@ def load_runs(tracking_uri: str | None, *, experiment: str | None = None, parent
     if not runs:
         where = f"parent run {parent_run_id!r}" if parent_run_id else f"experiment {experiment!r}"
         raise ConfigError(f"{where} has no cell runs in tracking store {uri}")
-    frame = tidy_frame(_record(r, exp.name, _per_class_artifact(client, r) if read_artifacts else {}) for r in runs)
+    by_id, now = {r.info.run_id: r for r in every}, time.time()
+    frame = tidy_frame(_record(r, exp.name, _per_class_artifact(client, r) if read_artifacts else {},
+                               interrupted=_interrupted(r, by_id, now)) for r in runs)
     return GridRuns(frame=frame, provenance=_provenance(uri, exp, parents, runs),
                     expected=_expected(plan, parents, frame))
 
 
-def _record(run: Any, experiment: str, per_class: dict[str, float]) -> dict[str, Any]:
-    """An MLflow run -> the plain record :func:`reports.load.tidy_frame` takes."""
+def _record(run: Any, experiment: str, per_class: dict[str, float], *, interrupted: bool = False) -> dict[str, Any]:
+    """An MLflow run -> the plain record :func:`reports.load.tidy_frame` takes (status ``INTERRUPTED`` when
+    ``interrupted``)."""
     tags = run.data.tags
+    status = "INTERRUPTED" if interrupted else run.info.status
     fields = {"run_id": run.info.run_id, "parent_run_id": tags.get(Tag.PARENT), "experiment": experiment,
-              "experiment_id": run.info.experiment_id, "run_name": run.info.run_name, "status": run.info.status,
+              "experiment_id": run.info.experiment_id, "run_name": run.info.run_name, "status": status,
               "start_time": run.info.start_time, **{t: tags.get(t) for t in RUN_TAGS}}
     return {"run": fields, "params": dict(run.data.params), "metrics": {**run.data.metrics, **per_class}}
+
+
+def _interrupted(run: Any, by_id: dict[str, Any], now: float) -> bool:
+    """A cell run its driver stopped (KILLED, tagged ``status=killed``), or left RUNNING by a driver that is gone."""
+    tags = run.data.tags
+    if run.info.status == "KILLED":
+        return tags.get(Tag.STATUS) == "killed"
+    if run.info.status not in ("RUNNING", "SCHEDULED"):
+        return False
+    parent = by_id.get(tags.get(Tag.PARENT, ""))
+    return parent is not None and driver_gone(parent, now=now)
+
+
+def driver_gone(parent: Any, *, now: float | None = None) -> bool:
+    """Whether the driver of a grid's (or study's) parent run is gone: it ended the parent, or its heartbeat
+    (:data:`Tag.DRIVER_HEARTBEAT`) is older than :data:`DRIVER_STALE_S`, or it ran on this host and its process
+    is gone. A parent without a heartbeat (an older ddsm-bench) counts as alive while RUNNING."""
+    from harness.lock import pid_alive
+
+    if parent.info.status != "RUNNING":
+        return True
+    tags, now = parent.data.tags, time.time() if now is None else now
+    host, _, pid = tags.get(Tag.DRIVER, "").rpartition(":")
+    if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
+        return True
+    beat = tags.get(Tag.DRIVER_HEARTBEAT)
+    try:
+        return beat is not None and now - float(beat) > DRIVER_STALE_S
+    except ValueError:
+        return False
 
 
 def _per_class_artifact(client: Any, run: Any) -> dict[str, float]:

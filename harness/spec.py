@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from ddsm.config import ConfigError, TrialConfig, from_dict, set_in
+from ddsm.config import ConfigError, TrialConfig, from_dict, set_in, yaml_problem
 
 __all__ = [
     "DEFAULT_RETRY_ON", "DEFAULT_TRACKING_OUTAGE_S", "SMOKE_OVERRIDES", "Baseline", "ExtraCell", "GridSpec", "Mode", "Resources", "SpecError", "field_type",
@@ -224,7 +224,7 @@ def read_spec_file(path: str | Path) -> tuple[dict | Any, str]:
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise SpecError(str(p), [f"not valid YAML: {str(e).splitlines()[0]}"]) from None
+        raise SpecError(str(p), [f"not valid YAML: {yaml_problem(e)}"]) from None
     if isinstance(raw, dict) and not raw.get("name"):
         raw = {**raw, "name": p.stem}
     return raw, str(p)
