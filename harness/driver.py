@@ -404,21 +404,22 @@ def _interrupt(policy: Policy, launcher: Launcher, flight: dict[str, _Flight], *
 
 
 def _let_checkpoint(policy: Policy, launcher: Launcher, flight: dict[str, _Flight], *, grace_s: float) -> None:
-    """Ask every attempt still running to stop after a checkpoint; wait up to ``grace_s`` for their ``end``."""
-    asked = set()
-    for key, f in flight.items():
-        with _best_effort():
-            if not launcher.done(f.handle):
-                launcher.stop(f.handle)
-                asked.add(key)
-    deadline = time.monotonic() + grace_s
+    """Ask every attempt still running to stop after a checkpoint; wait up to ``grace_s`` for their ``end``.
+    A second Ctrl-C meanwhile ends the waiting (the rest of the interrupt path still runs)."""
     try:
+        asked = set()
+        for key, f in flight.items():
+            with _best_effort():
+                if not launcher.done(f.handle):
+                    launcher.stop(f.handle)
+                    asked.add(key)
+        deadline = time.monotonic() + grace_s
         while asked and time.monotonic() < deadline:
             with _best_effort():
                 asked -= _deliver(policy, launcher, flight, final=set(flight))
             if asked:
                 time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
-    except KeyboardInterrupt:  # a second Ctrl-C: no more waiting, clean up now
+    except KeyboardInterrupt:
         return
 
 

@@ -24,7 +24,8 @@ def default_script(payload: TrialPayload, *, steps: int = 4, val_every: int = 2,
     """start, a train event per step, an eval every ``val_every``, a checkpoint, then finished metrics."""
     miou = score(payload) if score else (int(payload.cell_hash[:4], 16) % 1000) / 1000 if payload.cell_hash else 0.5
     ev = dict(key=payload.key, attempt=payload.attempt)
-    script: list[Step] = [Event(kind="start", step=0, info={"device": "cpu", "torch": "fake", "host": "here"}, **ev)]
+    script: list[Step] = [Event(kind="start", step=0, info={"device": "cpu", "torch": "fake", "host": "here",
+                                                            "node_id": "node-a"}, **ev)]
     for s in range(1, steps + 1):
         script.append(Event(kind="train", step=s, metrics={"loss": 1.0 / s}, **ev))
         if s % val_every == 0 and s < steps:
