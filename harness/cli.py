@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run the subcommand, map bad input to exit code 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = _sigterm_as_ctrl_c() if args.command in ("run", "tune") else None
     try:
         rc = args.func(args)
     except ConfigError as e:
@@ -86,7 +87,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ddsm-bench {args.command}: interrupted", file=sys.stderr)
         return exit_codes.INTERRUPTED
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
     return int(rc or 0)
+
+
+def _sigterm_as_ctrl_c():  # noqa: ANN202 - the previous handler, or None
+    """Until the driver loop takes over, SIGTERM raises KeyboardInterrupt like Ctrl-C (a clean exit 130 from
+    anywhere in the preamble); return the handler to restore (None: nothing changed, not the main thread)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, lambda signum, frame: signal.default_int_handler(signum, frame))
 
 
 if __name__ == "__main__":

@@ -240,9 +240,11 @@ class RayLauncher:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.resources = resources
-        here = ray.get_runtime_context().get_node_id()  # the queue lives (and dies) with the driver's node
+        # The queue lives (and dies) with the driver's node, never on a worker node that may be lost (a soft
+        # affinity is not enough: Ray then places it elsewhere too).
+        here = ray.get_runtime_context().get_node_id()
         self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
-            here, soft=True)})
+            here, soft=False)})
         self.watch = watch if watch is not None else ClusterWatch(_gcs_address())
         self._lost: str | None = None
         self._batch: Any = None  # an ObjectRef of events taken off the queue but not read yet
