@@ -223,7 +223,7 @@ class ClusterWatch:
             except OSError as e:
                 silent_since = silent_since or time.monotonic()
                 if time.monotonic() - silent_since >= self.lost_after_s:
-                    self.reason = (f"the Ray head at {self.address} has not answered for "
+                    self.reason = (f"the Ray cluster is lost: its head at {self.address} has not answered for "
                                    f"{time.monotonic() - silent_since:.0f} s ({e.strerror or e})")
                     return
 
@@ -248,6 +248,7 @@ class RayLauncher:
         self.watch = watch if watch is not None else ClusterWatch(_gcs_address())
         self._lost: str | None = None
         self._batch: Any = None  # an ObjectRef of events taken off the queue but not read yet
+        self._unavailable_since: float | None = None  # the queue's actor has not answered since
 
     def submit(self, payload: TrialPayload) -> Any:
         """Start one attempt: a ``max_calls=1`` task, or a DDP launcher task; return its ObjectRef."""
@@ -277,15 +278,19 @@ class RayLauncher:
         try:
             if self._batch is None:  # else: the batch a slow call took off the queue, not yet read
                 n = ray.get(self.queue.actor.qsize.remote(), timeout=CALL_TIMEOUT_S)
-                if not n:
-                    return []
-                self._batch = self.queue.actor.get_nowait_batch.remote(n)
-            batch, self._batch = ray.get(self._batch, timeout=CALL_TIMEOUT_S), None
+                self._batch = self.queue.actor.get_nowait_batch.remote(n) if n else None
+            batch = ray.get(self._batch, timeout=CALL_TIMEOUT_S) if self._batch is not None else []
+            self._batch, self._unavailable_since = None, None
             return list(batch)
         except ray.exceptions.GetTimeoutError:  # a busy node: the events come with a later call
             return []
+        except ray.exceptions.ActorUnavailableError as e:  # unreachable for now: lost if it stays so
+            self._unavailable_since = self._unavailable_since or time.monotonic()
+            if time.monotonic() - self._unavailable_since >= self.watch.lost_after_s:
+                self._lose(e, what="the driver's event queue (on the driver's node) stopped answering")
+            return []
         except (ray.exceptions.RayActorError, ray.exceptions.RaySystemError, ConnectionError) as e:
-            self._lose(e)  # the queue lives on the driver's node: its loss is the cluster's
+            self._lose(e, what="the driver's event queue (on the driver's node) died")
             return []
 
     def done(self, handle: Any) -> bool:
@@ -320,8 +325,9 @@ class RayLauncher:
         if not self.lost():
             self.queue.shutdown()
 
-    def _lose(self, e: Exception) -> None:
-        self._lost = self._lost or f"the Ray cluster connection is gone ({type(e).__name__}: {str(e).splitlines()[0]})"
+    def _lose(self, e: Exception, *, what: str = "a Ray call failed") -> None:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0]}"[:300]
+        self._lost = self._lost or f"the Ray cluster is lost: {what} ({why})"
 
 
 def _gcs_address() -> str | None:

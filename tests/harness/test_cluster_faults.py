@@ -106,7 +106,7 @@ def test_a_lost_head_stops_the_driver_cleanly_and_a_rerun_resumes(tmp_path: Path
     text = log.read_text()
     assert rc == 4, text[-3000:]
     assert took < 55, took  # before Ray's own 60 s would end the driver abruptly
-    assert "stopped: the Ray head at" in text and "re-run the same command once the cluster is back" in text
+    assert "stopped: the Ray cluster is lost" in text and "re-run the same command once the cluster is back" in text
     assert "Traceback" not in text, text[-3000:]
     runs = {c.data.tags["cell_hash"]: c for c in _children(out, "headloss")}
     assert runs[running.hash].info.status == "KILLED" and not [r for r in runs.values() if r.info.status == "RUNNING"]
