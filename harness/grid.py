@@ -34,8 +34,8 @@ from harness.cells import Cell, expand, grid_hash
 from harness.driver import (Event, Job, Policy, Recorder, TrialOutcome, TrialPayload, append_jsonl, read_result,
                             write_json)
 from harness.mlflow_io import Tag, record_event, write_report_from_mlflow
-from harness.session import (claim_out, close_recorder, cluster, default_concurrency, git_sha, open_recorder, run_policy,
-                             stop_exit_code)
+from harness.session import (claim_out, close_recorder, cluster, default_concurrency, git_sha, open_recorder,
+                             run_policy, stop_exit_code)
 from harness.spec import GridSpec, flatten, load_spec
 from harness.worker import FAIL_ONCE_ENV, OUTCOMES_FILE, cell_artifacts
 

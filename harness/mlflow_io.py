@@ -18,8 +18,8 @@ The driver is the only writer (:class:`MlflowRecorder`, the :class:`harness.driv
 MLflow, behind :class:`harness.tracking_queue.QueuedRecorder` so the driver never waits on the store;
 :func:`classify_error` tells that queue which errors to retry); trials never import mlflow. A run
 reopened after an interruption keeps one point per metric and step: points at steps it already has
-(the steps a resumed attempt re-runs after its checkpoint) are not logged again. The reader (:func:`load_runs`) turns a grid's runs into the
-tidy frame of :mod:`reports.load`.
+(the steps a resumed attempt re-runs after its checkpoint) are not logged again. The reader
+(:func:`load_runs`) turns a grid's runs into the tidy frame of :mod:`reports.load`.
 """
 from __future__ import annotations
 

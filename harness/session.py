@@ -123,7 +123,8 @@ def run_policy(policy: Policy, *, resources: Resources, recorder: QueuedRecorder
 def close_recorder(recorder: QueuedRecorder, stop: StopFlag | None) -> int:
     """Write what the recorder holds, waiting as the way the session ended allows (a finished session: up to
     the outage limit; interrupted or failed (``stop`` None): :data:`INTERRUPT_FLUSH_S`; a lost cluster:
-    :data:`LOST_FLUSH_S`; a lost store: not at all); the rest goes to the journal. Returns how many writes were journaled (a finished session that journaled some
+    :data:`LOST_FLUSH_S`; a lost store: not at all); the rest goes to the journal. Returns how many writes were
+    journaled (a finished session that journaled some
     is then ended as ``tracking``)."""
     if stop is None:  # the session failed before or while driving: do not linger
         timeout = INTERRUPT_FLUSH_S

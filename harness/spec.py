@@ -33,7 +33,8 @@ import yaml
 from ddsm.config import ConfigError, TrialConfig, from_dict, set_in, yaml_problem
 
 __all__ = [
-    "DEFAULT_RETRY_ON", "DEFAULT_TRACKING_OUTAGE_S", "SMOKE_OVERRIDES", "Baseline", "ExtraCell", "GridSpec", "Mode", "Resources", "SpecError", "field_type",
+    "DEFAULT_RETRY_ON", "DEFAULT_TRACKING_OUTAGE_S", "SMOKE_OVERRIDES", "Baseline", "ExtraCell", "GridSpec", "Mode",
+    "Resources", "SpecError", "field_type",
     "flatten", "load_spec", "parse_spec", "read_spec_file", "resolve_config",
 ]
 

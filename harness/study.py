@@ -46,8 +46,8 @@ from harness.driver import Event, Job, Policy, Recorder, TrialOutcome, TrialPayl
 from harness.mlflow_io import Tag, record_event
 from harness.optuna_study import StudyBook, count_finished, open_study, states, summary, write_outputs
 from harness.secrets import redact
-from harness.session import (claim_out, close_recorder, cluster, default_concurrency, git_sha, open_recorder, run_policy,
-                             stop_exit_code)
+from harness.session import (claim_out, close_recorder, cluster, default_concurrency, git_sha, open_recorder,
+                             run_policy, stop_exit_code)
 from harness.spec import flatten
 from harness.tune_spec import TuneSpec, load_tune_spec
 from harness.worker import FAIL_ONCE_ENV, cell_artifacts

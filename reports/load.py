@@ -30,7 +30,8 @@ from ddsm.config import ConfigError
 from ddsm.metrics.catalogue import bf_metrics, class_metrics, tolerance_of  # the metric facts live there
 
 __all__ = [
-    "CELL_STATES", "FAILED_STATUSES", "FINISHED", "INTERRUPTED", "RUN_COLUMNS", "bf_metrics", "cell_status", "class_metrics",
+    "CELL_STATES", "FAILED_STATUSES", "FINISHED", "INTERRUPTED", "RUN_COLUMNS", "bf_metrics", "cell_status",
+    "class_metrics",
     "coerce_param", "config_fields", "finished_values", "metric_names", "resolve_baseline",
     "runs_frame", "seed_counts", "select_attempts", "tidy_frame", "tolerance_of", "varying_fields", "with_variant",
 ]

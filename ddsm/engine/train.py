@@ -318,7 +318,7 @@ def _resume_point(ckpt_dir: Path, *, resume: bool, rank: int, device: torch.devi
 
 def _restore(ckpt: dict[str, Any], path: Path, cfg: TrialConfig, *, model: nn.Module,
              optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler) -> int:
-    """Load a verified checkpoint (from ``path``) into the (unwrapped) model and the optimiser state; return its step."""
+    """Load a verified checkpoint (read from ``path``) into the (unwrapped) model and the optimiser; return its step."""
     saved, current = ckpt["config"].get("model", {}), to_dict(cfg.model)
     changed = [k for k in current if saved.get(k) != current[k]]
     if changed:

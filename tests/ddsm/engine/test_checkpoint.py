@@ -122,7 +122,8 @@ def test_damaged_newest_checkpoint_falls_back_and_resume_stays_exact(tmp_path: P
     seen = Resumes()
     resumed = train(_cfg(), out_dir=split, callbacks=[seen])
     err = capsys.readouterr().err
-    assert f"checkpoint {ckpts / 'step_0000004.pt'} is damaged" in err and f"resuming from {ckpts / 'step_0000002.pt'}" in err
+    assert f"checkpoint {ckpts / 'step_0000004.pt'} is damaged" in err
+    assert f"resuming from {ckpts / 'step_0000002.pt'}" in err
     assert "removed" in err and not list(ckpts.glob("*.tmp"))
     ((step, path, damaged),) = seen.calls
     assert (step, path, len(damaged)) == (2, ckpts / "step_0000002.pt", 2) and "step_0000004.pt" in damaged[0]
