@@ -57,7 +57,8 @@ class DataConfig:
     crop_size: tuple[int, int] = (128, 128)  # training crop (H, W)
     scale_range: tuple[float, float] = (0.5, 2.0)  # random scale for training
     flip: bool = True
-    jitter: float = 0.25  # photometric jitter strength; 0 disables
+    jitter: float = 0.25  # brightness / contrast / saturation jitter strength; 0 disables
+    hue: float = 0.0  # hue jitter in [0, 0.5] (fraction of the colour wheel; SFSegNets: 0.25); 0 disables
     batch_size: int = 8
     workers: int = 0
     # synthetic only
@@ -123,6 +124,7 @@ class TrialConfig:
         _check(self.data.batch_size >= 1, "data.batch_size", self.data.batch_size, "an integer >= 1")
         _check(all(s > 0 for s in self.data.crop_size), "data.crop_size", self.data.crop_size, "two positive ints (H, W)")
         _check(self.data.scale_range[0] <= self.data.scale_range[1], "data.scale_range", self.data.scale_range, "(low, high) with low <= high")
+        _check(0.0 <= self.data.hue <= 0.5, "data.hue", self.data.hue, "a float in [0, 0.5]")
         _check(len(self.eval.tolerances) > 0 and all(t > 0 for t in self.eval.tolerances),
                "eval.tolerances", self.eval.tolerances, "a non-empty list of positive numbers")
         _check(0 < self.model.inner_ratio <= 1, "model.inner_ratio", self.model.inner_ratio, "a float in (0, 1]")
