@@ -258,3 +258,15 @@ def test_danet_returns_its_extra_heads_in_training_only():
     with torch.no_grad():
         assert set(model(x)) == {"out"}
     assert model.head.pam.query.out_channels == 128 // 8  # pam_channels = channels / 8 (64 at 512)
+
+
+def test_cli_models_table_shows_the_reference_counts(capsys):
+    from harness.cli import main
+
+    assert main(["models", "--backbone", "resnet50"]) == 0
+    out = capsys.readouterr().out
+    expected = {"pspnet": torchvision_backbone(50) + mmseg_psp_head() + mmseg_aux_head(),
+                "sfnet": torchvision_backbone(50) + sfsegnets_head((256, 512, 1024, 2048), 256, align=True)}
+    for name, count in expected.items():
+        row = next(line for line in out.splitlines() if f" {name} " in line)
+        assert f"{count / 1e6:.2f}" in row
