@@ -80,7 +80,8 @@ def total_loss(outputs: dict[str, torch.Tensor], target: torch.Tensor, *, aux_we
         if key == "out" or logits is None:
             continue
         if key != "aux" and key not in HEAD_WEIGHTS:
-            raise ValueError(f"model output {key!r} has no loss weight: expected one of out, aux, {', '.join(HEAD_WEIGHTS)}")
+            raise ValueError(f"model output {key!r} has no loss weight: expected one of out, aux, "
+                             f"{', '.join(HEAD_WEIGHTS)}")
         weight = aux_weight if key == "aux" else HEAD_WEIGHTS[key]
         losses[f"loss_{key}"] = segmentation_loss(logits, target, **kwargs)
         losses["loss"] = losses["loss"] + weight * losses[f"loss_{key}"]

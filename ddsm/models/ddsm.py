@@ -19,9 +19,10 @@ Choices where the figure is silent (each an option so it can be ablated):
 - the channel branch's values are x_h at its own resolution h x w (the figure's "down").
 - fusion into x_l: ``sum`` (x_l + x_S + x_C, default) or ``concat`` (1x1 conv of [x_l, x_S, x_C]).
 - a sampled point outside its map (the image border for the spatial branch, the channel grid's border
-  for the channel branch): ``spatial_out_of_map`` / ``channel_out_of_map``, ``mask`` (default: left out
-  of the softmax) or ``zero`` (a zero key and value that keeps its softmax share, as deformable conv's
-  zero padding). Why mask is the default: :mod:`ddsm.models.sampling`.
+  for the channel branch): ``spatial_out_of_map`` / ``channel_out_of_map``, ``mask`` (default: only a
+  point's on-map corners count, renormalised, and its softmax term is scaled by its on-map share) or
+  ``zero`` (a zero key and value that keeps its softmax share, as deformable conv's zero padding).
+  Why mask is the default: :mod:`ddsm.models.sampling`.
 - upsampling of x_h (and of the channel branch's output): ``align_corners`` as the decoder around it
   (SFSegNets: True).
 
@@ -267,10 +268,7 @@ class ChannelBranch(nn.Module):
         q = self._to_grid(self.query(pl))  # (B, a^2, s, s)
         k = self._to_grid(self.key(torch.cat([pl, ph], dim=1)))  # (B, a^2, s, s)
         v = self._to_grid(to_memory_format(self.value(x_h), torch.contiguous_format))  # (B, hw, s, s)
-        if self.offset is None:
-            offsets = k.new_zeros(B, 2 * self.num_points, self.side, self.side, dtype=torch.promote_types(k.dtype, torch.float32))
-        else:  # float32 under any autocast, as the spatial branch's
-            offsets = _bound(conv2d_fp32(k, self.offset.weight, self.offset.bias, padding=1), self.offset_range)
+        offsets = self._offsets(k)  # (B, 2N, s, s)
         self.last_offsets = offsets.detach()
         z = dynamic_affinity(q, k, v, offsets, num_points=self.num_points, out_of_map=self.out_of_map)  # (B, hw, s, s)
         z = z.permute(0, 2, 3, 1).reshape(B, -1, h, w)  # (B, s, s, hw) -> (B, c, h, w), grid order
@@ -278,6 +276,15 @@ class ChannelBranch(nn.Module):
             z = z.index_select(1, self.inverse_perm)  # back to channel order: channel j from cell inverse_perm[j]
         z = to_memory_format(self.proj(z), torch.channels_last)  # small here; the upsampled map is not
         return F.interpolate(z, size=(H, W), mode="bilinear", align_corners=self.align_corners)
+
+
+    def _offsets(self, k: torch.Tensor) -> torch.Tensor:
+        """The offset conv on the key's channel grid, bounded, in float32 under any autocast (as the
+        spatial branch's); zeros without learned offsets. k (B, a^2, s, s) -> (B, 2N, s, s)."""
+        if self.offset is None:
+            dtype = torch.promote_types(k.dtype, torch.float32)
+            return k.new_zeros(k.shape[0], 2 * self.num_points, self.side, self.side, dtype=dtype)
+        return _bound(conv2d_fp32(k, self.offset.weight, self.offset.bias, padding=1), self.offset_range)
 
 
 class DDSM(nn.Module):

@@ -96,7 +96,8 @@ class FlowAlign(nn.Module):
         up_h = upsample(self.down_h(x_h), (H, W), align_corners=self.align_corners)  # (B, C/2, H, W)
         # the flow, the grid and the warp in float32 under any autocast: bf16 resolves [-1, 1] to ~1/128,
         # i.e. several pixels of a 1024-wide map
-        flow = conv2d_fp32(torch.cat([up_h, self.down_l(x_l)], dim=1), self.flow.weight, padding=1)  # (B, 2, H, W) (x, y)
+        cat = torch.cat([up_h, self.down_l(x_l)], dim=1)  # (B, C, H, W)
+        flow = conv2d_fp32(cat, self.flow.weight, padding=1)  # (B, 2, H, W) as (x, y)
         gy, gx = torch.meshgrid(self._centres(H, flow), self._centres(W, flow), indexing="ij")
         base = torch.stack([gx, gy], dim=-1)[None]  # (1, H, W, 2)
         norm = torch.tensor([W, H], device=flow.device, dtype=flow.dtype)

@@ -182,7 +182,7 @@ class Corners:
 def _bags(num_bags: int, bag_size: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed-size bags: their starts (num_bags,) and the bag of every sample (num_bags * bag_size,)."""
     starts = torch.arange(0, num_bags * bag_size, bag_size, device=device, dtype=dtype)
-    bag_of = torch.arange(num_bags, device=device, dtype=dtype).repeat_interleave(bag_size)  # contiguous, also for 1 bag
+    bag_of = torch.arange(num_bags, device=device, dtype=dtype).repeat_interleave(bag_size)  # contiguous, even for 1
     return starts, bag_of
 
 

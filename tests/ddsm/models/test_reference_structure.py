@@ -108,7 +108,8 @@ def test_context_baselines_at_r18_follow_mmseg_r18_widths():
     """configs/pspnet/pspnet_r18-d8_4xb2-80k_cityscapes-512x1024.py @ e663aca8: decode_head in 512, channels 128;
     auxiliary_head in 256, channels 64."""
     model = build("pspnet", "resnet18")
-    assert params(model.head) == 4 * conv_module(512, 128, 1) + conv_module(512 + 4 * 128, 128, 3) + conv(128, K, 1, True)
+    head = 4 * conv_module(512, 128, 1) + conv_module(512 + 4 * 128, 128, 3) + conv(128, K, 1, True)
+    assert params(model.head) == head
     assert params(model.aux_head) == conv_module(256, 64, 3) + conv(64, K, 1, True)
 
 
