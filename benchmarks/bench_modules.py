@@ -29,7 +29,7 @@ import torch.nn as nn
 from benchmarks._common import (cpu_peak_allocated_bytes, describe, growth_exponent, interleaved_times, load_average,
                                 machine, print_table, set_threads, timing_summary, use_benchmark_env, verdict,
                                 write_results)
-from ddsm.models.context import ChannelAttention, NonLocalBlock, PositionAttention
+from ddsm.models.context import ChannelAttention, NonLocal2d, PositionAttention
 from ddsm.models.ddsm import DDSM
 from ddsm.models.decoder import FlowAlign
 
@@ -47,7 +47,7 @@ class DualAttention(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.pam = PositionAttention(channels)
+        self.pam = PositionAttention(channels, channels // 8)
         self.cam = ChannelAttention()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,7 @@ def candidates() -> dict[str, tuple[Callable[[], nn.Module], bool, bool]]:
         for branches in ("spatial", "channel", "dual"):
             factory = lambda b=branches, n=n: DDSM(CHANNELS, branches=b, num_points=n)  # noqa: E731
             out[f"ddsm-{branches}-n{n}"] = (factory, True, False)
-    out["nonlocal"] = (lambda: NonLocalBlock(CHANNELS), False, True)
+    out["nonlocal"] = (lambda: NonLocal2d(CHANNELS), False, True)
     out["danet-dual"] = (lambda: DualAttention(CHANNELS), False, True)
     out["sfnet-flowalign"] = (lambda: FlowAlign(CHANNELS), True, False)
     out["conv3x3"] = (lambda: nn.Conv2d(CHANNELS, CHANNELS, 3, padding=1), False, False)

@@ -11,7 +11,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ohem_keep_mask", "segmentation_loss", "total_loss"]
+__all__ = ["HEAD_WEIGHTS", "ohem_keep_mask", "segmentation_loss", "total_loss"]
+
+# Loss weight of every extra supervised output a model returns in training, besides "out" (weight 1)
+# and "aux" (train.aux_weight, 0.4 as mmseg's configs): DANet's position and channel classifiers are
+# supervised with weight 1 each, as mmseg's DAHead (its loss_decode, weight 1.0, applied to all three).
+HEAD_WEIGHTS = {"pam": 1.0, "cam": 1.0}
 
 
 def ohem_keep_mask(logits: torch.Tensor, target: torch.Tensor, *, thresh: float, min_kept: int,
@@ -61,16 +66,23 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, *, ignore_inde
 
 def total_loss(outputs: dict[str, torch.Tensor], target: torch.Tensor, *, aux_weight: float, ignore_index: int = 255,
                ohem: bool = False, ohem_thresh: float = 0.7, ohem_min_kept: int = 10000) -> dict[str, torch.Tensor]:
-    """``{"loss": main + aux_weight * aux, "loss_main": ..., "loss_aux": ...}`` from a model's output dict.
+    """``{"loss": main + aux_weight * aux + sum_k w_k * extra_k, "loss_main": ..., "loss_<key>": ...}``
+    from a model's output dict.
 
-    The auxiliary head (present only when the model has one and is training) uses the same criterion,
-    as in SFSegNets' deep supervision.
+    Every extra output (present only in training: ``"aux"``, and those of :data:`HEAD_WEIGHTS`) uses
+    the same criterion as the main one, as mmseg's heads and SFSegNets' deep supervision do. An output
+    with no known weight raises ValueError naming it (a silently unsupervised head would not train).
     """
     kwargs = dict(ignore_index=ignore_index, ohem=ohem, ohem_thresh=ohem_thresh, ohem_min_kept=ohem_min_kept)
     main = segmentation_loss(outputs["out"], target, **kwargs)
     losses = {"loss": main, "loss_main": main}
-    if outputs.get("aux") is not None:
-        aux = segmentation_loss(outputs["aux"], target, **kwargs)
-        losses["loss_aux"] = aux
-        losses["loss"] = main + aux_weight * aux
+    for key, logits in outputs.items():
+        if key == "out" or logits is None:
+            continue
+        if key != "aux" and key not in HEAD_WEIGHTS:
+            raise ValueError(f"model output {key!r} has no loss weight: expected one of out, aux, "
+                             f"{', '.join(HEAD_WEIGHTS)}")
+        weight = aux_weight if key == "aux" else HEAD_WEIGHTS[key]
+        losses[f"loss_{key}"] = segmentation_loss(logits, target, **kwargs)
+        losses["loss"] = losses["loss"] + weight * losses[f"loss_{key}"]
     return losses

@@ -238,11 +238,11 @@ def _run(cfg: TrialConfig, *, out_dir: Path, cbs: CallbackList, resume: bool, de
         if t.ckpt_every > 0 and step % t.ckpt_every == 0 and step < t.steps:
             checkpoint()
         if t.val_every > 0 and step % t.val_every == 0 and step < t.steps:
-            cbs.on_eval(step, evaluate(model, cfg, device=device))
+            cbs.on_eval(step, _validate(model, cfg, device=device))
     train_time = time.perf_counter() - start_time
     if step != saved_step:
         checkpoint()
-    metrics = evaluate(model, cfg, device=device)
+    metrics = _validate(model, cfg, device=device)
     cbs.on_eval(step, metrics)
     metrics.update(step=step, device=str(device), amp_dtype=str(dtype or torch.float32).removeprefix("torch."),
                    world_size=world_size, train_time_s=train_time)
@@ -253,6 +253,15 @@ def _run(cfg: TrialConfig, *, out_dir: Path, cbs: CallbackList, resume: bool, de
     metrics.pop("confusion", None)
     cbs.on_end(metrics)
     return metrics
+
+
+def _validate(model: nn.Module, cfg: TrialConfig, *, device: torch.device) -> dict[str, Any]:
+    """:func:`evaluate`'s metrics plus every DDSM layer's mean / max |offset| of the last training
+    forward (:func:`ddsm.models.offset_stats`; read before validating, which runs forwards of its own)."""
+    from ddsm.models import offset_stats
+
+    offsets = offset_stats(model)
+    return {**evaluate(model, cfg, device=device), **offsets}
 
 
 def _update(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimizer: torch.optim.Optimizer,
