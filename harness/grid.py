@@ -113,7 +113,7 @@ class GridPolicy(Policy):
             found = runs.get(r.cell.hash)
             if found and found.status == "FINISHED":
                 r.status, r.run_id = "skipped", found.run_id
-                r.metrics = self.recorder.final_metrics(found.run_id)
+                r.metrics = found.metrics if found.metrics is not None else self.recorder.final_metrics(found.run_id)
                 continue
             r.run_id = found.run_id if found else None
             metrics = read_result(self.cell_dir(r.cell))
@@ -127,13 +127,15 @@ class GridPolicy(Policy):
         if not self.pending:
             return None
         r = self.pending.popleft()
+        tags = {Tag.ATTEMPTS: r.attempts + 1, Tag.STATUS: "running"}
         if r.run_id is None or r.attempts == 0:
-            self._open_run(r)
+            self._open_run(r, tags)
+        else:
+            self.recorder.set_tags(r.run_id, tags)
         r.attempts += 1
         r.status, r.started, r.step = "running", time.time(), 0
         payload = TrialPayload(key=r.cell.hash, cell_hash=r.cell.hash, name=r.cell.name, config=to_dict(r.cell.config),
                                cell_dir=str(self.cell_dir(r.cell)), attempt=r.attempts, fail_once=self.fail_once)
-        self.recorder.set_tags(r.run_id, {Tag.ATTEMPTS: r.attempts, Tag.STATUS: "running"})
         return Job(payload=payload, owner=r)
 
     def on_event(self, job: Job, event: Event, *, final: bool) -> bool:
@@ -183,15 +185,15 @@ class GridPolicy(Policy):
         r.status = "killed"
         self.recorder.end_run(r.run_id, status="KILLED", tags={Tag.STATUS: "killed", Tag.FAILURE_CLASS: "killed"})
 
-    def _open_run(self, r: CellResult) -> None:
-        """Create (or reopen) the child run of a cell with its params and tags."""
+    def _open_run(self, r: CellResult, extra: dict[str, Any] | None = None) -> None:
+        """Create (or reopen) the child run of a cell with its params and tags (and ``extra`` tags)."""
         cell = r.cell
         r.run_id = self.recorder.start_run(
             name=cell.name, parent_id=self.parent, cell_hash=cell.hash, reuse=r.run_id,
             params=flatten(to_dict(cell.config)),
             tags={Tag.SEED: cell.seed, Tag.VARIANT: cell.variant, Tag.BASELINE: cell.baseline,
                   Tag.REFERENCE: cell.reference or "", Tag.GIT_SHA: self.sha, Tag.SPEC: self.spec.source,
-                  Tag.FAILURE_CLASS: "none", Tag.CELL_DIR: str(self.cell_dir(cell))})
+                  Tag.FAILURE_CLASS: "none", Tag.CELL_DIR: str(self.cell_dir(cell)), **(extra or {})})
 
     def _finish(self, r: CellResult, metrics: dict[str, float]) -> None:
         r.status, r.metrics = "finished", metrics

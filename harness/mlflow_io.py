@@ -192,6 +192,7 @@ class CellRun:
     run_id: str
     cell_hash: str
     status: str  # RUNNING | FINISHED | FAILED | KILLED | SCHEDULED
+    metrics: dict[str, float] | None = None  # the latest value of each metric, as the search returned them
 
 
 class MlflowRecorder:
@@ -235,13 +236,15 @@ class MlflowRecorder:
         return run_id
 
     def cell_runs(self) -> dict[str, CellRun]:
-        """The latest child run of each cell hash in the experiment (a FINISHED one wins)."""
+        """The latest child run of each cell hash in the experiment (a FINISHED one wins), with its final
+        metrics: one paginated search, so resuming a finished 1000-cell grid reads no run one by one."""
         out: dict[str, CellRun] = {}
         for run in self._search(f"tags.{Tag.KIND} = '{KIND_CELL}'"):  # oldest first
             h = run.data.tags.get(Tag.CELL_HASH, "")
             prev = out.get(h)
             if prev is None or prev.status != "FINISHED":
-                out[h] = CellRun(run_id=run.info.run_id, cell_hash=h, status=run.info.status)
+                out[h] = CellRun(run_id=run.info.run_id, cell_hash=h, status=run.info.status,
+                                 metrics=dict(run.data.metrics))
         return out
 
     def start_run(self, *, name: str, parent_id: str, cell_hash: str, params: dict[str, Any],
@@ -250,11 +253,11 @@ class MlflowRecorder:
         tags = {**tags, Tag.KIND: KIND_CELL, Tag.CELL_HASH: cell_hash}
         if reuse:
             self._client.update_run(reuse, status="RUNNING")
-            run_id = reuse
-        else:
-            run_id = self._client.create_run(self.experiment_id, run_name=name,
-                                             tags={Tag.PARENT: parent_id, **_str(tags)}).info.run_id
-        self._log(run_id, params=params, tags=tags)
+            self._log(reuse, params=params, tags=tags)
+            return reuse
+        run_id = self._client.create_run(self.experiment_id, run_name=name,
+                                         tags={Tag.PARENT: parent_id, **_str(tags)}).info.run_id
+        self._log(run_id, params=params)
         return run_id
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
@@ -283,9 +286,16 @@ class MlflowRecorder:
         """Flush, set tags, upload ``(local file, artifact dir)`` pairs that exist, set the final status."""
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"status={status!r} is not allowed: expected FINISHED, FAILED or KILLED")
+        mine = self._metrics.pop(run_id, [])
         self.flush()
-        if tags:
-            self._log(run_id, tags=tags)
+        tag_list = [RunTag(k, _value(v)) for k, v in (tags or {}).items()]
+        # the run's last metrics with its first 100 tags in one request (MLflow: <= 1000 entities per batch)
+        chunks = [mine[i: i + _BATCH - 100] for i in range(0, len(mine), _BATCH - 100)] or [[]]
+        for n, chunk in enumerate(chunks):
+            if chunk or (n == 0 and tag_list):
+                self._client.log_batch(run_id, metrics=chunk, tags=tag_list[:100] if n == 0 else [])
+        for i in range(100, len(tag_list), 100):
+            self._client.log_batch(run_id, tags=tag_list[i: i + 100])
         for path, where in artifacts:
             if Path(path).is_file():
                 self._client.log_artifact(run_id, str(path), artifact_path=where)
