@@ -264,7 +264,7 @@ class StudyPolicy(Policy):
 def run_study(spec: TuneSpec | str | Path, *, out_dir: str | Path, address: str | None = None,
               tracking_uri: str | None = None, max_concurrent: int | None = None, smoke: bool = False,
               n_trials: int | None = None, artifact_location: str | None = None, dashboard: bool = False,
-              console: Any = None) -> StudySummary:
+              console: Any = None, train_fn: Any = None, fresh_workers: bool = True) -> StudySummary:
     """Run (or continue) the study of a tune spec until its budget of trials reached a verdict.
 
     Args:
@@ -278,6 +278,7 @@ def run_study(spec: TuneSpec | str | Path, *, out_dir: str | Path, address: str 
         n_trials: overrides the budget (``search.n_trials``, or ``search.smoke_trials`` under smoke).
         artifact_location: where a new experiment keeps its artifacts (see :func:`harness.grid.run_grid`).
         dashboard: start the Ray dashboard with a local instance (its URL is printed).
+        train_fn, fresh_workers: the trial seam (:class:`harness.ray_backend.RayLauncher`).
         console: a rich Console for progress lines (None: stderr).
 
     Raises:
@@ -318,7 +319,8 @@ def run_study(spec: TuneSpec | str | Path, *, out_dir: str | Path, address: str 
         policy = StudyPolicy(spec=spec, book=StudyBook(study), recorder=recorder, parent=parent, out=out, sha=sha,
                              budget=budget, limit=limit, log=view.StudyLog(console),
                              fail_once=os.environ.get(FAIL_ONCE_ENV))
-        interrupted = run_policy(policy, resources=res, recorder=recorder, console=policy.log, limit=limit)
+        interrupted = run_policy(policy, resources=res, recorder=recorder, console=policy.log, limit=limit,
+                                 train_fn=train_fn, fresh_workers=fresh_workers)
         outputs = write_outputs(study, spec, out)
         recorder.end_run(parent, status="KILLED" if interrupted else "FINISHED",
                          tags={Tag.N_FINISHED: count_finished(study)},
