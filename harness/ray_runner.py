@@ -210,9 +210,10 @@ def launch_trial(payload: TrialPayload, queue: Any, res: Resources) -> Any:
     """Submit one attempt; return its ObjectRef (the outcome dict of :func:`run_trial`).
 
     A single-process trial is a ``max_calls=1`` task holding ``res.cpus``/``res.gpus``; with
-    ``res.num_workers > 1`` it is a zero-CPU launcher task running a TorchTrainer of that many workers.
+    ``res.num_workers > 1`` or ``res.ddp`` it is a zero-CPU launcher task running a TorchTrainer of
+    that many workers.
     """
-    if res.num_workers > 1:
+    if res.num_workers > 1 or res.ddp:
         return _ddp_task.remote(payload, queue, res)
     return _single_task.options(num_cpus=res.cpus, num_gpus=res.gpus).remote(payload, queue, int(res.cpus))
 

@@ -98,19 +98,26 @@ def _deterministic(enabled: bool) -> Iterator[None]:
 
 
 def build_training_model(cfg: TrialConfig, *, num_classes: int, device: torch.device) -> nn.Module:
-    """The model on ``device`` (channels_last if asked); BN -> SyncBatchNorm when distributed on CUDA.
+    """The model on ``device`` (channels_last if asked); BN -> SyncBatchNorm in a process group on CUDA.
 
-    SyncBatchNorm needs a GPU, so a CPU (gloo) process group keeps per-process BatchNorm.
+    SyncBatchNorm needs a GPU, so a CPU (gloo) process group keeps per-process BatchNorm. In a group
+    of one process it is converted too (torch then computes plain batch statistics), so a 1-worker
+    Ray Train trial runs the same modules as a multi-GPU one.
     """
     from ddsm.models import build_model_from_config
 
     model = build_model_from_config(cfg.model, num_classes=num_classes)
-    if distributed_context()[1] > 1 and device.type == "cuda":
+    if _distributed() and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def _distributed() -> bool:
+    """A ``torch.distributed`` process group is initialised (of any size)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def _train_loader(cfg: TrialConfig, *, start_step: int, rank: int, world_size: int) -> DataLoader:
@@ -259,7 +266,7 @@ def _run(cfg: TrialConfig, *, out_dir: Path, cbs: CallbackList, resume: bool, de
 
     if ckpt_path is None:
         checkpoint()  # step 0: there is always a last good checkpoint, even if the first update diverges
-    if world_size > 1:
+    if _distributed():  # a process group of any size, so 1-worker DDP trials run DDP too
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
     batches = iter(_train_loader(cfg, start_step=step, rank=rank, world_size=world_size))
@@ -297,7 +304,9 @@ def _run(cfg: TrialConfig, *, out_dir: Path, cbs: CallbackList, resume: bool, de
     metrics = evaluate(model, cfg, device=device)
     cbs.on_eval(step, metrics)
     metrics.update(step=step, device=str(device), amp_dtype=str(dtype or torch.float32).removeprefix("torch."),
-                   world_size=world_size, train_time_s=train_time)
+                   world_size=world_size, train_time_s=train_time,
+                   dist_backend=dist.get_backend() if _distributed() else "none",
+                   sync_batchnorm=any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()))
     if rank == 0:
         net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         metrics.update(_trial_cost(net, cfg, device=device))
