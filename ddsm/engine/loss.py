@@ -33,7 +33,7 @@ def ohem_keep_mask(logits: torch.Tensor, target: torch.Tensor, *, thresh: float,
         prob = logits.detach().float().softmax(dim=1)  # (B, K, H, W)
         safe_target = target.masked_fill(~valid, 0).long()  # (B, H, W)
         p_true = prob.gather(1, safe_target.unsqueeze(1)).squeeze(1)  # (B, H, W)
-        threshold = torch.tensor(thresh, dtype=p_true.dtype, device=p_true.device)
+        threshold = torch.full((), thresh, dtype=p_true.dtype, device=p_true.device)  # no host-to-device copy
         k = min(max(min_kept, 0), p_true.numel())
         if k > 0:
             # the k-th smallest true-class probability of the valid pixels (k = min(min_kept, valid
