@@ -4,11 +4,13 @@
    (forward + cross-entropy + backward + SGD, ``ddsm.profile.timing.Step`` on random data), timed
    round-robin. Target: step time ratio ddsm / fpn <= 1.25.
 2. Our engine (``ddsm.engine.train``) vs a plain PyTorch loop on the same model, data
-   (the synthetic dataset at 256x512, batch 2, cached after the first epoch) and optimiser:
-   throughput in steps/s from timestamps taken every ``--log-every`` steps (where both loops read
-   their loss back to the host, as a loop that logs does), excluding the first ``--warmup`` steps
-   and the engine's end-of-run checkpoint, validation and profiling. Runs alternate engine / plain
-   loop. Target: engine throughput >= 0.95 x the plain loop's (goal 0.98).
+   (the synthetic dataset at 256x512, batch 2, cached after the first epoch) and optimiser, each in
+   its own process, taking turns: engine block 1, plain block 1, engine block 2, ... where a block is
+   ``--log-every`` steps ending where both loops read their loss back to the host (as a loop that
+   logs does). Only one computes at a time, so both see the same machine load block by block (runs
+   one after the other saw +-30%). Throughput = steps / summed block time after the first
+   ``--warmup`` steps; the engine's end-of-run checkpoint, validation and profiling are outside.
+   Target: engine throughput >= 0.95 x the plain loop's (goal 0.98).
 
 Run: ``.venv/bin/python -m benchmarks.bench_train_step [--repeats R] [--steps S] [--runs K] [--threads T]``;
 prints tables and writes benchmarks/results/bench_train_step.json (``--out`` elsewhere). Runs with
@@ -24,6 +26,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +41,7 @@ from ddsm.profile.timing import Step
 SIZE, BATCH, NUM_CLASSES = (256, 512), 2, 19
 DDSM_OPTIONS = dict(branches="dual", num_points=9)
 STEP_RATIO_TARGET, ENGINE_TARGET, ENGINE_GOAL = 1.25, 0.95, 0.98
-Stamp = tuple[int, float, float]  # (step, wall s, process CPU s) after that step's loss was read back
+RELAY_TIMEOUT_S = 1800  # part 2: a loop waiting longer for its turn gives up (the other one died)
 
 
 def model_step_times(*, repeats: int, warmup: int, size: tuple[int, int] = SIZE, batch: int = BATCH,
@@ -76,56 +79,76 @@ def trial_config(steps: int, *, size: tuple[int, int] = SIZE, batch: int = BATCH
     )
 
 
-def steps_per_second(stamps: list[Stamp], *, warmup: int) -> tuple[float, float]:
-    """Throughput per wall second and per process-CPU second between the stamp at step ``warmup``
-    (the start of the timed window; 0 = the first stamp) and the last one."""
-    counted = [s for s in stamps if s[0] >= warmup]
-    (s0, w0, c0), (s1, w1, c1) = counted[0], counted[-1]
-    return (s1 - s0) / (w1 - w0), (s1 - s0) / (c1 - c0)
+Block = tuple[int, float, float]  # (last step of a block, wall s, process CPU s) of log_every steps
 
 
-def _stamp(step: int) -> Stamp:
-    return step, time.perf_counter(), time.process_time()
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
 
 
-def engine_stamps(cfg: TrialConfig) -> list[Stamp]:
-    """(step, wall, CPU) stamps of one ``ddsm.engine.train`` run at every log (its on_train_step callback,
-    called right after the engine read the losses back)."""
+def _wait(turn: Any) -> None:
+    """Block until it is this loop's turn (the other loop died if it never comes)."""
+    if not turn.acquire(timeout=RELAY_TIMEOUT_S):
+        raise RuntimeError(f"the other loop did not hand over within {RELAY_TIMEOUT_S} s")
+
+
+def _engine_child(cfg: TrialConfig, mine: Any, other: Any, queue: Any, threads: int) -> None:
+    """``ddsm.engine.train`` in its own process, each block of ``log_every`` steps timed in its turn."""
     from ddsm.engine import Callback, train
 
-    class Clock(Callback):
+    set_threads(threads)
+
+    class Relay(Callback):
         def __init__(self) -> None:
-            self.stamps: list[Stamp] = []
+            self.blocks: list[Block] = []
+            self.t0: tuple[float, float] | None = None
 
-        def on_train_step(self, step: int, metrics: dict) -> None:
-            self.stamps.append(_stamp(step))
+        def on_checkpoint(self, step: int, path: Path) -> None:
+            if self.t0 is None:  # the step-0 checkpoint: training starts right after it
+                _wait(mine)
+                self.t0 = _clock()
 
-    clock = Clock()
+        def on_train_step(self, step: int, metrics: dict) -> None:  # right after the losses were read back
+            (w, c), (w0, c0) = _clock(), self.t0
+            self.blocks.append((step, w - w0, c - c0))
+            if step < cfg.train.steps:  # the last turn ends when the run is over (below)
+                other.release()
+                _wait(mine)
+                self.t0 = _clock()
+
+    relay = Relay()
     with tempfile.TemporaryDirectory() as out_dir:
-        train(cfg, out_dir=out_dir, callbacks=[clock], resume=False)
-    return clock.stamps
+        train(cfg, out_dir=out_dir, callbacks=[relay], resume=False)
+    queue.put(("engine", relay.blocks))
+    other.release()  # after validation, profiling and clean-up: the plain loop's last block runs alone
 
 
-def plain_loop_stamps(cfg: TrialConfig) -> list[Stamp]:
-    """(step, wall, CPU) stamps of a plain PyTorch training loop on the same model, data, optimiser, AMP
-    dtype and memory format, taken every ``train.log_every`` steps after reading the loss back."""
+def _plain_child(cfg: TrialConfig, mine: Any, other: Any, queue: Any, threads: int) -> None:
+    """A plain PyTorch loop on the same model, data, optimiser, AMP dtype and memory format, in its own
+    process, each block of ``log_every`` steps (ending with ``loss.item()``, as a loop that logs) timed
+    in its turn."""
     from ddsm.data import build_dataset, dataset_info
     from ddsm.engine import amp_dtype, resolve_device
 
+    set_threads(threads)
     t = cfg.train
     device = resolve_device(t.device)
     dtype = amp_dtype(t.amp, device)
     torch.manual_seed(t.seed)
-    model = build_model_from_config(cfg.model, num_classes=cfg.data.num_classes).to(device).train()
     fmt = torch.channels_last if t.channels_last else torch.contiguous_format
+    model = build_model_from_config(cfg.model, num_classes=cfg.data.num_classes).to(device).train()
     model = model.to(memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     loader = DataLoader(build_dataset(cfg.data, split="train", train=True), batch_size=cfg.data.batch_size,
-                        shuffle=True, drop_last=True, num_workers=cfg.data.workers, pin_memory=device.type == "cuda")
+                        shuffle=True, drop_last=True, num_workers=cfg.data.workers, pin_memory=device.type == "cuda",
+                        persistent_workers=cfg.data.workers > 0)  # the engine's loader never restarts either
     ignore = dataset_info(cfg.data.name, cfg.data).ignore_index
     batches = (batch for _ in range(t.steps) for batch in loader)  # re-iterate epochs
-    stamps = []
+    blocks: list[Block] = []
     for step in range(1, t.steps + 1):
+        if (step - 1) % t.log_every == 0:
+            _wait(mine)
+            w0, c0 = _clock()
         images, labels = next(batches)
         images = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
         labels = labels.to(device, non_blocking=True)
@@ -136,18 +159,72 @@ def plain_loop_stamps(cfg: TrialConfig) -> list[Stamp]:
         loss.backward()
         opt.step()
         if step % t.log_every == 0 or step == t.steps:
-            loss.item()  # what a loop that logs its loss does (the host waits for the GPU here)
-            stamps.append(_stamp(step))
-    return stamps
+            loss.item()  # the host waits for the GPU here
+            w, c = _clock()
+            blocks.append((step, w - w0, c - c0))
+            if step < t.steps:
+                other.release()
+    queue.put(("plain loop", blocks))
+
+
+def relay_run(cfg: TrialConfig, *, threads: int) -> dict[str, list[Block]]:
+    """One engine run and one plain-loop run in two processes that take turns, one block of
+    ``log_every`` steps each (engine, plain, engine, ...): both see the same machine load, block by block."""
+    import multiprocessing as mp
+    import queue as queue_module
+
+    ctx = mp.get_context("spawn")
+    turns = {"engine": ctx.Semaphore(0), "plain loop": ctx.Semaphore(0)}
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_engine_child, args=(cfg, turns["engine"], turns["plain loop"], results, threads)),
+             ctx.Process(target=_plain_child, args=(cfg, turns["plain loop"], turns["engine"], results, threads))]
+    for proc in procs:
+        proc.start()
+    turns["engine"].release()
+    blocks: dict[str, list[Block]] = {}
+    try:
+        while len(blocks) < 2:
+            try:
+                name, got = results.get(timeout=5)
+                blocks[name] = got
+            except queue_module.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"a loop process exited with code {dead[0].exitcode}") from None
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+    return blocks
+
+
+def relay_ratios(runs: list[dict[str, list[Block]]], *, warmup: int) -> dict[str, float]:
+    """Engine / plain-loop throughput over the blocks after ``warmup`` steps of the given relay runs:
+    per wall second, per CPU second, and the median of the per-block (same-load) ratios."""
+    steps, wall, cpu, per_block = {"engine": 0, "plain loop": 0}, {"engine": 0.0, "plain loop": 0.0}, \
+        {"engine": 0.0, "plain loop": 0.0}, []
+    for blocks in runs:
+        counted = {k: [b for b in v if b[0] > warmup] for k, v in blocks.items()}
+        for name, kept in counted.items():
+            steps[name] += kept[-1][0] - warmup
+            wall[name] += sum(b[1] for b in kept)
+            cpu[name] += sum(b[2] for b in kept)
+        per_block += [pb[1] / eb[1] for eb, pb in zip(counted["engine"], counted["plain loop"])]
+    rate = {name: steps[name] / wall[name] for name in steps}
+    return {"wall": rate["engine"] / rate["plain loop"],
+            "cpu": (steps["engine"] / cpu["engine"]) / (steps["plain loop"] / cpu["plain loop"]),
+            "per_block_median": statistics.median(per_block),
+            "engine_steps_per_s": rate["engine"], "plain_steps_per_s": rate["plain loop"]}
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     """Run both parts, print the tables, write the JSON; returns the payload."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=8, help="round-robin training steps per model (part 1)")
-    parser.add_argument("--steps", type=int, default=8, help="training steps per engine / plain-loop run (part 2)")
-    parser.add_argument("--warmup", type=int, default=3, help="first steps of each run left out of the throughput")
-    parser.add_argument("--runs", type=int, default=3, help="engine / plain-loop runs each, alternated")
+    parser.add_argument("--steps", type=int, default=12, help="training steps per engine / plain-loop run (part 2)")
+    parser.add_argument("--warmup", type=int, default=2, help="first steps of each run left out of the throughput")
+    parser.add_argument("--runs", type=int, default=2, help="engine + plain-loop relay runs (part 2)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     parser.add_argument("--size", default=f"{SIZE[0]}x{SIZE[1]}", help=f"input HxW (default {SIZE[0]}x{SIZE[1]})")
@@ -177,16 +254,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     print(f"[bench_train_step] part 2: engine vs plain loop (load average {load_average()})", flush=True)
     cfg = trial_config(args.steps, log_every=args.log_every, workers=args.workers, **setting)
-    rates: dict[str, list[float]] = {"engine": [], "plain loop": []}
-    cpu_rates: dict[str, list[float]] = {"engine": [], "plain loop": []}
-    for _ in range(args.runs):
-        for name, stamps in (("engine", engine_stamps), ("plain loop", plain_loop_stamps)):
-            wall_rate, cpu_rate = steps_per_second(stamps(cfg), warmup=args.warmup)
-            rates[name].append(wall_rate)
-            cpu_rates[name].append(cpu_rate)
-    engine_ratio = statistics.median(rates["engine"]) / statistics.median(rates["plain loop"])
-    engine_cpu_ratio = statistics.median(cpu_rates["engine"]) / statistics.median(cpu_rates["plain loop"])
-    engine_paired = statistics.median(a / b for a, b in zip(rates["engine"], rates["plain loop"]))  # adjacent runs
+    runs = [relay_run(cfg, threads=args.threads) for _ in range(args.runs)]
+    per_run = [relay_ratios([r], warmup=args.warmup) for r in runs]
+    pooled = relay_ratios(runs, warmup=args.warmup)
+    engine_ratio, engine_cpu_ratio = pooled["wall"], pooled["cpu"]
 
     where = args.device if not args.device.startswith("cuda") else f"{args.device} ({info['gpu']})"
     flags = f", {args.amp} autocast" * (args.amp != "none") + ", channels_last" * args.channels_last
@@ -195,14 +266,15 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print_table([{"model": n, "median ms": f"{s['median']:.0f}", "IQR ms": f"{s['iqr']:.0f}"}
                  for n, s in step.items()], ["model", "median ms", "IQR ms"])
     print(f"median of the per-round ratios ddsm / fpn: {paired:.3f}")
-    print(f"\nThroughput (steps/s) of ddsm training, {args.steps} steps per run, first {args.warmup} left out, "
-          f"loss read back every {args.log_every} step(s), {args.runs} runs each")
-    print_table([{"loop": n, "steps/s (median)": f"{statistics.median(r):.3f}",
-                  "runs": ", ".join(f"{v:.3f}" for v in r),
-                  "steps/CPU-s (median)": f"{statistics.median(cpu_rates[n]):.3f}"} for n, r in rates.items()],
-                ["loop", "steps/s (median)", "runs", "steps/CPU-s (median)"])
-    print(f"engine / plain loop per CPU second (less sensitive to other jobs): {engine_cpu_ratio:.3f}; "
-          f"median of the ratios of adjacent runs: {engine_paired:.3f}")
+    print(f"\nEngine vs plain loop, ddsm training, {args.steps} steps per run, first {args.warmup} left out, loss read "
+          f"back every {args.log_every} step(s); the two loops run in two processes taking turns block by block, "
+          f"{args.runs} run(s)")
+    print_table([{"run": i + 1 if i < len(per_run) else "all", "engine steps/s": f"{r['engine_steps_per_s']:.3f}",
+                  "plain steps/s": f"{r['plain_steps_per_s']:.3f}", "engine/plain (wall)": f"{r['wall']:.3f}",
+                  "per CPU s": f"{r['cpu']:.3f}", "median per block": f"{r['per_block_median']:.3f}"}
+                 for i, r in enumerate([*per_run, pooled])],
+                ["run", "engine steps/s", "plain steps/s", "engine/plain (wall)", "per CPU s", "median per block"])
+    print("(all: the runs pooled; the target uses its wall ratio)")
     tgt = [
         {"target": "ddsm / fpn training-step time", "measured": step_ratio, "target_value": STEP_RATIO_TARGET,
          "verdict": verdict(step_ratio, STEP_RATIO_TARGET, at_most=True)},
@@ -218,8 +290,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     payload = {"benchmark": "bench_train_step", "machine": info, "size": size, "batch": args.batch,
                "device": args.device, "amp": args.amp, "channels_last": args.channels_last,
                "num_classes": NUM_CLASSES, "ddsm_options": DDSM_OPTIONS, "step_ms": step, "step_times_ms": times,
-               "step_ratio_per_round_median": paired, "steps_per_s": rates, "steps_per_cpu_s": cpu_rates,
-               "engine_cpu_ratio": engine_cpu_ratio, "engine_paired_ratio": engine_paired, "steps": args.steps,
+               "step_ratio_per_round_median": paired, "engine_vs_plain_runs": per_run, "engine_vs_plain": pooled,
+               "blocks": runs, "steps": args.steps,
                "warmup": args.warmup, "log_every": args.log_every, "workers": args.workers, "targets": tgt}
     print(f"\nwrote {write_results('bench_train_step', payload, out_dir=args.out)}")
     return payload

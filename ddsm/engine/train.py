@@ -81,7 +81,7 @@ def _deterministic(enabled: bool) -> Iterator[None]:
     """Turn on ``torch.use_deterministic_algorithms`` (warn-only) for the block, then restore the setting.
 
     Without ``torch.utils.deterministic.fill_uninitialized_memory``: that switch (on by default with
-    deterministic algorithms) writes NaN into every ``torch.empty`` result, ~9% of a CPU training step
+    deterministic algorithms) writes NaN into every ``torch.empty`` result, ~10% of a CPU training step
     of ddsm (benchmarks/README.md), and only matters for ops that read memory they never wrote.
     """
     previous = torch.are_deterministic_algorithms_enabled()
