@@ -5,7 +5,7 @@
   :func:`check_resources` (exit 2 instead of waiting forever), :func:`default_concurrency`,
   :func:`check_shared_storage` (every node must read the driver's out dir).
 - Tasks: one trial is a ``max_calls=1`` task (a fresh worker process, so GPU memory is released
-  when it exits) holding the trial's CPUs/GPUs; with ``num_workers > 1`` it is a zero-CPU task that
+  when it exits) holding the trial's CPUs/GPUs; with ``num_workers > 1`` (or ``ddp: true``) it is a zero-CPU task that
   runs a Ray Train ``TorchTrainer`` of that many workers (DDP: gloo on CPU, NCCL on GPU). Every
   attempt records its :func:`placement` (node id, GPU ids/UUIDs, every DDP rank's).
 - :class:`RayLauncher`: the :class:`harness.driver.Launcher` on Ray: submit, wait, events (a Ray
@@ -374,7 +374,7 @@ class RayLauncher:
     def submit(self, payload: TrialPayload) -> Any:
         """Start one attempt: a trial task, or a DDP launcher task; return its ObjectRef."""
         res = self.resources
-        if res.num_workers > 1:
+        if res.num_workers > 1 or res.ddp:
             return _ddp_task.remote(payload, self.queue, res, self.train_fn)
         task = _single_task if self.fresh_workers else _reused_task
         return task.options(num_cpus=res.cpus, num_gpus=res.gpus).remote(payload, self.queue, int(res.cpus),

@@ -40,17 +40,51 @@ Two implementations of :func:`dynamic_affinity` (``impl``):
   memory stays O(B C H W + B N H W) and the CPU time is a few passes over the feature maps.
 - ``grid_sample``: the direct reading of the figure with ``F.grid_sample`` and autograd; the
   reference the fast path is tested against (tests/test_sampling_fast.py), kept for benchmarks.
+
+Which one the model uses (``impl=None``) is chosen per device type by :func:`default_impl`: the
+``DDSM_SAMPLING_IMPL`` environment variable (``grid_sample`` for every device, or per device type:
+``cuda=grid_sample,cpu=gather``), else :data:`DEFAULT_IMPLS`. ``benchmarks/gpu_check.py`` times
+both on the GPU it runs on and says which to set when the gather path loses there.
 """
 from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
 IMPLS = ("gather", "grid_sample")
 OUT_OF_MAP = ("mask", "zero")  # what a point outside the map contributes (module docstring); mask is the default
+# The implementation per device type when none is given (measured on CPU; on CUDA by benchmarks/gpu_check.py).
+DEFAULT_IMPLS: dict[str, str] = {"cpu": "gather", "cuda": "gather"}
+IMPL_ENV = "DDSM_SAMPLING_IMPL"
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_impl_env(text: str) -> dict[str, str]:
+    """``"grid_sample"`` -> {"*": "grid_sample"}; ``"cuda=grid_sample,cpu=gather"`` -> per device type."""
+    choice: dict[str, str] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        device_type, _, impl = item.rpartition("=")
+        impl = impl.strip()
+        if impl not in IMPLS:
+            raise ValueError(f"{IMPL_ENV}={text!r} is not allowed: {impl!r} is not one of {', '.join(IMPLS)} "
+                             "(expected e.g. grid_sample or cuda=grid_sample,cpu=gather)")
+        choice[device_type.strip() or "*"] = impl
+    return choice
+
+
+def default_impl(device: torch.device | str) -> str:
+    """The :func:`dynamic_affinity` implementation for ``device`` when the caller gives none.
+
+    ``DDSM_SAMPLING_IMPL`` (read on every call, so a process can change it) wins over
+    :data:`DEFAULT_IMPLS`; device types in neither use ``gather``.
+    """
+    device_type = torch.device(device).type
+    override = _parse_impl_env(os.environ.get(IMPL_ENV, ""))
+    return override.get(device_type) or override.get("*") or DEFAULT_IMPLS.get(device_type, "gather")
 
 
 def base_grid(num_points: int, *, dilation: int = 1, device=None, dtype=None) -> torch.Tensor:
@@ -335,7 +369,7 @@ def dynamic_affinity(
     scale: float | None = None,
     out_of_map: str = "mask",
     dilation: int = 1,
-    impl: str = "gather",
+    impl: str | None = None,
 ) -> torch.Tensor:
     """Affinity-weighted sum of N dynamically sampled values.
 
@@ -348,9 +382,10 @@ def dynamic_affinity(
     out_of_map: ``mask`` (default) or ``zero``: what a point outside the key/value map contributes
     (see the module docstring for both and why mask is the default).
     dilation: spacing of the k x k base grid in pixels (1 = adjacent pixels).
-    impl: ``gather`` (fast, default) or ``grid_sample`` (the reference; see the module docstring).
+    impl: ``gather`` (fast) or ``grid_sample`` (the reference); None: :func:`default_impl` of the device.
     Returns (B, Cv, H, W); the gather path returns it with channels-last strides.
     """
+    impl = impl if impl is not None else default_impl(query.device)
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not allowed: expected one of {', '.join(IMPLS)}")
     if out_of_map not in OUT_OF_MAP:
