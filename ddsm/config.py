@@ -28,8 +28,11 @@ class ModelConfig:
     name: str = "ddsm"  # a registered model (see `ddsm-bench models`)
     backbone: str = "resnet18"  # resnet18 | resnet34 | resnet50 | resnet101
     weights: str | None = None  # None (random init) | "imagenet" | path to a local state dict
-    aux: bool = False  # auxiliary FCN head on stage 3 (training only)
-    decoder_dim: int = 0  # FPN/context width; 0 = 128 for resnet18/34, 256 for resnet50/101
+    aux: bool | None = None  # auxiliary FCN head on stage 3 (training only); None = as the model's reference
+    decoder_dim: int = 0  # head width; 0 = the reference's (FPN decoder 128/256, context heads 128/512)
+    # FPN-decoder models (fpn, sfnet, ddsm), see ddsm/models/decoder.py and backbone.py
+    align_corners: bool = True  # one interpolation convention through the decoder (SFSegNets: true)
+    backbone_dilation: str = "sfsegnets"  # sfsegnets (variant D: stages 4/5 conv2 dilated 2/4, stride kept) | none
     # DDSM options (see ddsm/models/ddsm.py for what each choice means)
     branches: str = "dual"  # spatial | channel | dual
     num_points: int = 9  # N sampled points/channels, a perfect square k*k with k in 1..7
@@ -38,6 +41,11 @@ class ModelConfig:
     fusion: str = "sum"  # sum | concat
     offset_range: float = 0.0  # 0 = unbounded offsets; > 0 bounds them by tanh * range (pixels)
     inner_ratio: float = 0.5  # internal width of the spatial branch = ratio * decoder_dim
+    spatial_out_of_map: str = "mask"  # mask | zero: a point outside the image (see ddsm/models/sampling.py)
+    channel_out_of_map: str = "mask"  # mask | zero: a point outside the channel grid
+    channel_order: str = "natural"  # natural | permuted (fixed random grid permutation, seeded by train.seed)
+    grid_dilation: int = 1  # spacing of the spatial branch's k x k base grid (pixels)
+    learn_offsets: bool = True  # false: points stay on the (dilated) base grid
 
 
 @dataclass
@@ -49,7 +57,8 @@ class DataConfig:
     crop_size: tuple[int, int] = (128, 128)  # training crop (H, W)
     scale_range: tuple[float, float] = (0.5, 2.0)  # random scale for training
     flip: bool = True
-    jitter: float = 0.25  # photometric jitter strength; 0 disables
+    jitter: float = 0.25  # brightness / contrast / saturation jitter strength; 0 disables
+    hue: float = 0.0  # hue jitter in [0, 0.5] (fraction of the colour wheel; SFSegNets: 0.25); 0 disables
     batch_size: int = 8
     workers: int = 0
     # synthetic only
@@ -115,6 +124,7 @@ class TrialConfig:
         _check(self.data.batch_size >= 1, "data.batch_size", self.data.batch_size, "an integer >= 1")
         _check(all(s > 0 for s in self.data.crop_size), "data.crop_size", self.data.crop_size, "two positive ints (H, W)")
         _check(self.data.scale_range[0] <= self.data.scale_range[1], "data.scale_range", self.data.scale_range, "(low, high) with low <= high")
+        _check(0.0 <= self.data.hue <= 0.5, "data.hue", self.data.hue, "a float in [0, 0.5]")
         _check(len(self.eval.tolerances) > 0 and all(t > 0 for t in self.eval.tolerances),
                "eval.tolerances", self.eval.tolerances, "a non-empty list of positive numbers")
         _check(0 < self.model.inner_ratio <= 1, "model.inner_ratio", self.model.inner_ratio, "a float in (0, 1]")

@@ -1,11 +1,12 @@
 """``ddsm-bench run SPEC``: run an ablation grid on Ray, tracked in MLflow, resumable.
 
 Exit codes (harness/exit_codes.py): 0 every cell finished, 1 some cells failed after their retries
-(the others completed), 2 bad input (spec, --out or --out held by another driver, tracking store,
-resources, storage; nothing was launched), 3 the tracking store stayed unreachable past
---tracking-outage-s (finished cells are on disk, running ones checkpointed, buffered writes journaled),
-4 the Ray cluster was lost, 130 interrupted (Ctrl-C / SIGTERM: running cells checkpoint and are marked
-KILLED). After 3, 4 and 130, re-run the same command: it records everything and resumes.
+(the others completed), 2 bad input or a service that does not answer at start (spec, --out or --out
+held by another driver, resources, storage, tracking store, Ray cluster; nothing was launched), 3 the
+tracking store stayed unreachable past --tracking-outage-s (finished cells are on disk, running ones
+checkpointed, buffered writes journaled), 4 the Ray cluster was lost, 130 interrupted (Ctrl-C / SIGTERM:
+running cells checkpoint and are marked KILLED). After 3, 4 and 130, re-run the same command: it
+records everything and resumes.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / spec.name
     summary = run_grid(spec, out_dir=out, address=args.address, tracking_uri=args.tracking_uri,
                        max_concurrent=args.max_concurrent, log_checkpoints=args.log_checkpoints,
+                       artifact_location=args.artifact_location, dashboard=args.dashboard,
                        tracking_outage_s=args.tracking_outage_s)
     return summary.exit_code
 

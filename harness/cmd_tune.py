@@ -5,10 +5,11 @@ objective(s), budget, concurrency, pruning and storage (see harness/tune_spec.py
 ablations/tune_quickstart.yaml). Re-running the same command continues the study.
 
 Exit codes (harness/exit_codes.py): 0 the budget is reached and at least one trial completed, 1 no
-trial completed, 2 bad input (spec, search space, --out or --out held by another driver, tracking
-store, resources, storage; nothing was launched), 3 the tracking store stayed unreachable past
---tracking-outage-s, 4 the Ray cluster was lost, 130 interrupted (Ctrl-C / SIGTERM: finished trials
-are kept, running ones checkpoint, are marked FAIL and re-queued). After 3, 4 and 130, re-run to resume.
+trial completed, 2 bad input or a service that does not answer at start (spec, search space, --out or
+--out held by another driver, resources, storage, tracking store, Ray cluster; nothing was launched),
+3 the tracking store stayed unreachable past --tracking-outage-s, 4 the Ray cluster was lost, 130
+interrupted (Ctrl-C / SIGTERM: finished trials are kept, running ones checkpoint, are marked FAIL and
+re-queued). After 3, 4 and 130, re-run to resume.
 """
 from __future__ import annotations
 
@@ -47,5 +48,6 @@ def tune(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / spec.name
     summary = run_study(spec, out_dir=out, address=args.address, tracking_uri=args.tracking_uri,
                         max_concurrent=args.max_concurrent, n_trials=args.n_trials,
+                        artifact_location=args.artifact_location, dashboard=args.dashboard,
                         tracking_outage_s=args.tracking_outage_s)
     return summary.exit_code

@@ -24,6 +24,7 @@ import os
 import re
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from harness.driver import (Event, Job, Policy, Recorder, TrialOutcome, TrialPay
                             write_json)
 from harness.mlflow_io import Tag, record_event, write_report_from_mlflow
 from harness.session import (claim_out, close_recorder, cluster, default_concurrency, git_sha, open_recorder,
-                             run_policy, stop_exit_code)
+                             preflight, print_where_to_look, run_policy, stop_exit_code)
 from harness.spec import GridSpec, flatten, load_spec
 from harness.worker import FAIL_ONCE_ENV, OUTCOMES_FILE, cell_artifacts
 
@@ -126,7 +127,7 @@ class GridPolicy(Policy):
             found = runs.get(r.cell.hash)
             if found and found.status == "FINISHED":
                 r.status, r.run_id = "skipped", found.run_id
-                r.metrics = self.recorder.final_metrics(found.run_id)
+                r.metrics = found.metrics if found.metrics is not None else self.recorder.final_metrics(found.run_id)
                 continue
             r.run_id = found.run_id if found else None
             metrics = read_result(self.cell_dir(r.cell))
@@ -144,13 +145,15 @@ class GridPolicy(Policy):
         if not self.pending:
             return None
         r = self.pending.popleft()
+        tags = {Tag.ATTEMPTS: r.launches + 1, Tag.STATUS: "running"}  # counted over every invocation
         if r.run_id is None or r.attempts == 0:
-            self._open_run(r)
+            self._open_run(r, tags)
+        else:
+            self.recorder.set_tags(r.run_id, tags)
         r.attempts += 1
         r.status, r.started, r.step, r.node_id = "running", time.time(), 0, ""
         payload = TrialPayload(key=r.cell.hash, cell_hash=r.cell.hash, name=r.cell.name, config=to_dict(r.cell.config),
                                cell_dir=str(self.cell_dir(r.cell)), attempt=r.launches, fail_once=self.fail_once)
-        self.recorder.set_tags(r.run_id, {Tag.ATTEMPTS: r.launches, Tag.STATUS: "running"})
         return Job(payload=payload, owner=r)
 
     def on_event(self, job: Job, event: Event, *, final: bool) -> bool:
@@ -209,15 +212,15 @@ class GridPolicy(Policy):
         r.status = "killed"
         self.recorder.end_run(r.run_id, status="KILLED", tags={Tag.STATUS: "killed", Tag.FAILURE_CLASS: "killed"})
 
-    def _open_run(self, r: CellResult) -> None:
-        """Create (or reopen) the child run of a cell with its params and tags."""
+    def _open_run(self, r: CellResult, extra: dict[str, Any] | None = None) -> None:
+        """Create (or reopen) the child run of a cell with its params and tags (and ``extra`` tags)."""
         cell = r.cell
         r.run_id = self.recorder.start_run(
             name=cell.name, parent_id=self.parent, cell_hash=cell.hash, reuse=r.run_id,
             params=flatten(to_dict(cell.config)),
             tags={Tag.SEED: cell.seed, Tag.VARIANT: cell.variant, Tag.BASELINE: cell.baseline,
                   Tag.REFERENCE: cell.reference or "", Tag.GIT_SHA: self.sha, Tag.SPEC: self.spec.source,
-                  Tag.FAILURE_CLASS: "none", Tag.CELL_DIR: str(self.cell_dir(cell))})
+                  Tag.FAILURE_CLASS: "none", Tag.CELL_DIR: str(self.cell_dir(cell)), **(extra or {})})
 
     def _finish(self, r: CellResult, metrics: dict[str, float]) -> None:
         r.status, r.metrics = "finished", metrics
@@ -252,7 +255,9 @@ def write_grid_json(path: Path, spec: GridSpec, cells: list[Cell]) -> None:
 def run_grid(spec: GridSpec | str | Path, *, out_dir: str | Path, address: str | None = None,
              tracking_uri: str | None = None, max_concurrent: int | None = None, smoke: bool = False,
              log_checkpoints: bool = False, tracking_outage_s: float | None = None,
-             console: Any = None) -> GridSummary:
+             artifact_location: str | None = None, dashboard: bool = False,
+             console: Any = None, train_fn: Callable[..., dict] | None = None,
+             fresh_workers: bool = True) -> GridSummary:
     """Run every cell of a grid on Ray, tracked in MLflow, resuming an earlier run in ``out_dir``.
 
     Args:
@@ -266,11 +271,16 @@ def run_grid(spec: GridSpec | str | Path, *, out_dir: str | Path, address: str |
         log_checkpoints: also upload each cell's last checkpoint as an MLflow artifact.
         tracking_outage_s: how long the tracking store may stay unreachable before the driver stops
             (None: the spec's ``tracking_outage_s``).
+        artifact_location: where a new experiment keeps its artifacts (default ``<out>/mlartifacts``, or
+            the server's default for an http(s) tracking URI).
+        dashboard: start the Ray dashboard with a local instance (its URL is printed).
         console: a rich Console for the live table and the summary (None: stderr and stdout).
+        train_fn, fresh_workers: the trial seam (:class:`harness.ray_backend.RayLauncher`): what trains
+            inside each trial (default the engine) and whether each trial gets a fresh worker process.
 
     Raises:
-        ConfigError: bad spec, ``--out`` (or held by another driver), tracking store, unschedulable resources
-            or unshared storage; nothing was launched.
+        ConfigError: bad spec, ``--out`` (or held by another driver), unreachable tracking store or cluster,
+            unschedulable resources or unshared storage; nothing was launched.
         TrackingLost: the tracking store went away while the grid was being opened.
     """
     if isinstance(spec, (str, Path)):
@@ -280,10 +290,14 @@ def run_grid(spec: GridSpec | str | Path, *, out_dir: str | Path, address: str |
     res = spec.trial_resources
     out_path = Path(out_dir).resolve()
     say = view.line_printer(console)
+    preflight(tracking_uri=tracking_uri, out=out_path)
     with claim_out(out_path, command=f"ddsm-bench run {spec.source}", say=say), \
-            cluster(address=address, resources=res, out=out_path):
+            cluster(address=address, resources=res, out=out_path, dashboard=dashboard) as connection:
         recorder = open_recorder(tracking_uri=tracking_uri, out=out_path, experiment=spec.experiment, say=say,
-                                 outage_s=spec.tracking_outage_s if tracking_outage_s is None else tracking_outage_s)
+                                 outage_s=spec.tracking_outage_s if tracking_outage_s is None else tracking_outage_s,
+                                 artifact_location=artifact_location)
+        print_where_to_look(recorder, connection, console=view.stdout_console(console),
+                            artifact_location=artifact_location)
         stop = None
         try:
             write_grid_json(out_path / "grid.json", spec, cells)
@@ -298,7 +312,8 @@ def run_grid(spec: GridSpec | str | Path, *, out_dir: str | Path, address: str |
                                 log_checkpoints=log_checkpoints, fail_once=os.environ.get(FAIL_ONCE_ENV))
             with view.ProgressBoard(policy.results, console=console) as board:
                 stop = run_policy(policy, resources=res, recorder=recorder, console=board,
-                                  limit=max_concurrent or default_concurrency(res))
+                                  limit=max_concurrent or default_concurrency(res), train_fn=train_fn,
+                                  fresh_workers=fresh_workers)
             for note in policy.notes:
                 say(note)
             recorder.log_artifact(parent, out_path / "grid.json")  # lets the report show cells never run

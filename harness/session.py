@@ -1,14 +1,15 @@
 """What every ``ddsm-bench run`` and ``tune`` session does around its policy: the preamble, the run, the end.
 
-:func:`claim_out` makes ``--out`` a writable folder and takes its lock (one driver per out dir,
-:mod:`harness.lock`) before anything else; :func:`cluster` connects to Ray and checks, before
-anything is written, that a trial fits the cluster and that every node sees ``--out``;
-:func:`open_recorder` opens the MLflow store behind the retry queue of
-:mod:`harness.tracking_queue`; :func:`run_policy` drives a policy on Ray with Ctrl-C / SIGTERM, a
-lost tracking store and a lost cluster turned into the stop flag; :func:`close_recorder` writes what
-is buffered (or journals it for the next run) and :func:`stop_exit_code` maps how the session ended
-to :mod:`harness.exit_codes`. Grids (:mod:`harness.grid`) and studies (:mod:`harness.study`) differ
-only in their policy.
+:func:`preflight` checks, before Ray starts or anything is written, that the tracking store (and a
+study's storage) answers; :func:`claim_out` makes ``--out`` a writable folder and takes its lock (one
+driver per out dir, :mod:`harness.lock`); :func:`cluster` connects to Ray and checks, before anything
+is written, that a trial fits the cluster and that every node sees ``--out``; :func:`open_recorder`
+opens the MLflow store behind the retry queue of :mod:`harness.tracking_queue`;
+:func:`print_where_to_look` says where the runs, the dashboard and the study can be watched;
+:func:`run_policy` drives a policy on Ray with Ctrl-C / SIGTERM, a lost tracking store and a lost
+cluster turned into the stop flag; :func:`close_recorder` writes what is buffered (or journals it for
+the next run) and :func:`stop_exit_code` maps how the session ended to :mod:`harness.exit_codes`.
+Grids (:mod:`harness.grid`) and studies (:mod:`harness.study`) differ only in their policy.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -25,15 +26,27 @@ from ddsm.config import ConfigError
 from harness import exit_codes, ray_backend
 from harness.driver import Console, Policy, StopFlag, drive, stop_on_signals
 from harness.lock import OutDirLock
-from harness.mlflow_io import MlflowRecorder, Tag, classify_error, store_uri
+from harness.mlflow_io import MlflowRecorder, Tag, classify_error, store_uri, ui_hint
+from harness.preflight import check_database, check_tracking_uri
+from harness.secrets import redact
 from harness.spec import DEFAULT_TRACKING_OUTAGE_S, Resources
 from harness.tracking_queue import JOURNAL_FILE, QueuedRecorder
 
-__all__ = ["claim_out", "close_recorder", "cluster", "git_sha", "open_recorder", "run_policy",
-           "stop_exit_code"]
+__all__ = ["claim_out", "close_recorder", "cluster", "git_sha", "open_recorder", "preflight", "print_where_to_look",
+           "run_policy", "stop_exit_code"]
 
 INTERRUPT_FLUSH_S = 10.0  # how long an interrupted driver waits for a slow store before journaling the rest
 LOST_FLUSH_S = 15.0  # the same when the cluster is lost (Ray ends such a driver 60 s after its head went away)
+
+
+def preflight(*, tracking_uri: str | None, out: Path, storage: str | None = None) -> str:
+    """Check that the tracking store (and ``storage``, a study's Optuna storage) answer; return the tracking
+    URI the session will use. Raises ConfigError (exit 2) before Ray starts or ``out`` is created."""
+    uri = store_uri(tracking_uri, folder=out)
+    check_tracking_uri(uri)
+    if storage:
+        check_database(storage, what="Optuna storage (search.storage)")
+    return uri
 
 
 @contextmanager
@@ -60,22 +73,23 @@ def claim_out(out: Path, *, command: str, say: Any = print) -> Iterator[OutDirLo
 
 
 @contextmanager
-def cluster(*, address: str | None, resources: Resources, out: Path) -> Iterator[None]:
-    """Connect to Ray (a local instance when ``address`` is None), check resources and shared storage,
-    create ``out``; on exit, shut Ray down if this call started it.
+def cluster(*, address: str | None, resources: Resources, out: Path,
+            dashboard: bool = False) -> Iterator[ray_backend.Connection]:
+    """Connect to Ray (a local instance when ``address`` is None, with its dashboard if ``dashboard``),
+    check resources and shared storage, create ``out``; on exit, shut Ray down if this call started it.
 
     Raises:
-        ConfigError: no trial could ever be scheduled, or ``out`` is not shared by every node (nothing
-            was written).
+        ConfigError: the cluster cannot be joined, no trial could ever be scheduled, or ``out`` is not
+            shared by every node (nothing was written).
     """
-    started = ray_backend.connect(address)
+    connection = ray_backend.connect(address, dashboard=dashboard)
     try:
         ray_backend.check_resources(resources)
         ray_backend.check_shared_storage(out)
         out.mkdir(parents=True, exist_ok=True)
-        yield
+        yield connection
     finally:
-        if started:
+        if connection.started:
             ray_backend.shutdown()
 
 
@@ -85,12 +99,14 @@ def default_concurrency(resources: Resources) -> int:
 
 
 def open_recorder(*, tracking_uri: str | None, out: Path, experiment: str, outage_s: float = DEFAULT_TRACKING_OUTAGE_S,
-                  say: Any = print) -> QueuedRecorder:
-    """The tracking recorder of a session: MLflow at ``tracking_uri`` (or ``sqlite:///<out>/mlflow.db`` with
-    artifacts in ``<out>/mlartifacts``) behind the retry queue, journaling to ``<out>/tracking-journal.json``.
+                  artifact_location: str | None = None, say: Any = print) -> QueuedRecorder:
+    """The tracking recorder of a session: MLflow at ``tracking_uri`` (or ``sqlite:///<out>/mlflow.db``) behind
+    the retry queue, journaling to ``<out>/tracking-journal.json``.
 
-    ``outage_s``: how long the store may stay unreachable mid-run before the driver stops; ``say`` receives
-    the queue's lines (outage started, store back, a write refused).
+    Artifacts of a new experiment go to ``artifact_location``; without one, to ``<out>/mlartifacts``
+    for a local or database store (never the driver's working directory), and to the server's default
+    for an ``http(s)://`` server. ``outage_s``: how long the store may stay unreachable mid-run before the
+    driver stops; ``say`` receives the queue's lines (outage started, store back, a write refused).
 
     Raises:
         ConfigError: the store's SQLite file is damaged (the message says how to rebuild it).
@@ -98,19 +114,46 @@ def open_recorder(*, tracking_uri: str | None, out: Path, experiment: str, outag
     # The queue retries; one MLflow request must fail fast so that the queue sees the store come back.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    inner = MlflowRecorder(tracking_uri=store_uri(tracking_uri, folder=out), experiment=experiment,
-                           artifact_root=None if tracking_uri else out / "mlartifacts")
+    uri = store_uri(tracking_uri, folder=out)
+    served = uri.startswith(("http://", "https://"))
+    root = artifact_location or (None if served else out / "mlartifacts")
+    inner = MlflowRecorder(tracking_uri=uri, experiment=experiment, artifact_root=root)
     me = f"{socket.gethostname()}:{os.getpid()}"
     return QueuedRecorder(inner, outage_s=outage_s, classify=classify_error, journal=out / JOURNAL_FILE,
                           heartbeat=lambda: {Tag.DRIVER: me, Tag.DRIVER_HEARTBEAT: round(time.time(), 1)},
                           notify=say)
 
 
+def print_where_to_look(recorder: QueuedRecorder | MlflowRecorder, connection: ray_backend.Connection, *,
+                        console: Any, storage: str | None = None, artifact_location: str | None = None) -> None:
+    """Print, at start, how to browse the runs (MLflow UI), the Ray dashboard when one runs, the study
+    storage for ``optuna-dashboard``, and where artifacts go (passwords hidden)."""
+    lines = [f"MLflow: {ui_hint(recorder.tracking_uri, recorder.experiment_id)}",
+             f"artifacts: {redact(recorder.artifact_location or '')}"]
+    if artifact_location and recorder.artifact_location and \
+            recorder.artifact_location.rstrip("/") != _as_uri(artifact_location).rstrip("/"):
+        lines.append(f"note: --artifact-location is ignored: experiment {recorder.experiment_id} already stores "
+                     f"its artifacts at {redact(recorder.artifact_location)} (a new experiment name takes it)")
+    if connection.dashboard_url:
+        lines.append(f"Ray dashboard: {connection.dashboard_url}")
+    if storage:
+        lines.append(f"study: optuna-dashboard {redact(storage)}")
+    for line in lines:
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def _as_uri(location: str) -> str:
+    from harness.mlflow_io import artifact_uri
+
+    return artifact_uri(location) or ""
+
+
 def run_policy(policy: Policy, *, resources: Resources, recorder: QueuedRecorder, console: Console,
-               limit: int) -> StopFlag:
+               limit: int, train_fn: Callable[..., dict] | None = None, fresh_workers: bool = True) -> StopFlag:
     """Drive ``policy`` on Ray (at most ``limit`` trials at once) with SIGINT/SIGTERM, a lost tracking store
-    and a lost cluster as the stop flag; return the flag (falsy: the policy ran out of work)."""
-    launcher = ray_backend.RayLauncher(resources)
+    and a lost cluster as the stop flag; return the flag (falsy: the policy ran out of work).
+    ``train_fn`` / ``fresh_workers``: see :class:`harness.ray_backend.RayLauncher`."""
+    launcher = ray_backend.RayLauncher(resources, train_fn=train_fn, fresh_workers=fresh_workers)
     try:
         with stop_on_signals() as stop:
             drive(policy, launcher, recorder, console, limit=limit, stop=stop)

@@ -79,6 +79,7 @@ class QueuedRecorder:
         """
         self.inner, self.outage_s, self.classify = inner, outage_s, classify
         self.tracking_uri, self.experiment_id = inner.tracking_uri, inner.experiment_id
+        self.artifact_location = getattr(inner, "artifact_location", None)
         self.journal, self.max_pending, self.wait_s = journal, max_pending, wait_s
         self.backoff_s, self.heartbeat_s, self.heartbeat = backoff_s, heartbeat_s, heartbeat
         self.notify = notify or (lambda line: None)

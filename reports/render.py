@@ -27,8 +27,8 @@ FIELD_LABELS = {"model.name": "Model", "model.branches": "Branches", "model.num_
 PROVENANCE_KEYS = [("spec", "Spec"), ("spec_path", "Spec file"), ("smoke", "SMOKE RUN"),
                    ("experiment", "MLflow experiment"), ("experiment_id", "Experiment id"),
                    ("parent_run_ids", "Parent run(s)"), ("tracking_uri", "Tracking URI"), ("git_sha", "Git SHA"),
-                   ("hardware", "Hardware"), ("hosts", "Hosts"), ("torch", "torch"), ("runs_started", "Runs started"),
-                   ("generated", "Report generated"), ("baseline", "Baseline (deltas vs)"), ("method", "Significance")]
+                   ("hardware", "Hardware"), ("hosts", "Hosts"), ("nodes", "Ray nodes"), ("gpus", "GPUs"),
+                   ("torch", "torch"), ("runs_started", "Runs started"), ("generated", "Report generated"), ("baseline", "Baseline (deltas vs)"), ("method", "Significance")]
 
 
 # ----------------------------------------------------------------------------- labels and numbers

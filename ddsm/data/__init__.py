@@ -54,7 +54,7 @@ def dataset_info(name: str, cfg: DataConfig | None = None) -> DatasetInfo:
 def build_dataset(cfg: DataConfig, *, split: str, train: bool) -> SegmentationDataset:
     """The ``split`` ("train" | "val") of ``cfg.name``; ``train`` turns on augmentation.
 
-    Reads data.name, root, crop_size, scale_range, flip, jitter and, for synthetic, num_images,
+    Reads data.name, root, crop_size, scale_range, flip, jitter, hue and, for synthetic, num_images,
     image_size, num_classes, seed.
     """
     if split not in SPLITS:
@@ -80,7 +80,8 @@ def _train_transform(cfg: DataConfig) -> TrainTransform:
         raise DatasetError(f"data.crop_size={tuple(cfg.crop_size)!r} is not allowed: expected two positive ints (H, W)")
     if not cfg.jitter >= 0:
         raise DatasetError(f"data.jitter={cfg.jitter!r} is not allowed: expected a float >= 0 (0 disables it)")
-    return TrainTransform(crop_size=cfg.crop_size, scale_range=cfg.scale_range, flip=cfg.flip, jitter=cfg.jitter)
+    return TrainTransform(crop_size=cfg.crop_size, scale_range=cfg.scale_range, flip=cfg.flip, jitter=cfg.jitter,
+                          hue=cfg.hue)
 
 
 def build_loader(

@@ -144,6 +144,7 @@ class CellRun:
     run_id: str
     cell_hash: str
     status: str
+    metrics: dict[str, float] | None = None  # None: the policy asks final_metrics()
 
 
 class MemoryRecorder:
