@@ -9,6 +9,7 @@ metrics). Both call ``hook(name)`` before every method, so a test can interrupt 
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,6 +266,24 @@ class MemoryRecorder:
         for r in self.children():
             out.setdefault(r.tags["cell_hash"], []).append(r)
         return out
+
+
+
+class NoConsole:
+    """A driver console that shows nothing (driver-logic tests)."""
+
+    def refresh(self) -> None:
+        """Nothing to redraw."""
+
+
+def wait_for(what: Callable[[], bool], *, proc: Any, timeout: float, log: Path) -> None:
+    """Poll ``what()`` every 0.5 s; fail with the tail of ``log`` when the driver ``proc`` (a Popen) exits or
+    ``timeout`` seconds pass first (the live fault tests: node loss, head loss, MLflow outage)."""
+    deadline = time.time() + timeout
+    while not what():
+        if proc.poll() is not None or time.time() > deadline:
+            raise AssertionError(f"waited {timeout:.0f} s (driver rc {proc.poll()}):\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
 
 
 def _str(d: dict[str, Any]) -> dict[str, str]:

@@ -20,6 +20,7 @@ from harness.cells import expand
 from harness.mlflow_io import load_runs
 from harness.spec import load_spec
 from reports.load import cell_status
+from tests.harness.fakes import wait_for
 from tests.harness.ray_cluster import LocalCluster
 
 pytestmark = pytest.mark.slow
@@ -27,14 +28,6 @@ pytestmark = pytest.mark.slow
 
 def _lines(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
-
-
-def _wait(what, *, proc: subprocess.Popen, timeout: float, log: Path) -> None:
-    deadline = time.time() + timeout
-    while not what():
-        if proc.poll() is not None or time.time() > deadline:
-            raise AssertionError(f"waited {timeout:.0f} s (driver rc {proc.poll()}):\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
 
 
 def _driver(spec: Path, out: Path, cluster: LocalCluster, log: Path, *extra: str, **env: str) -> subprocess.Popen:
@@ -62,7 +55,7 @@ def test_node_loss_mid_trial_retries_on_another_node_from_the_checkpoint(tmp_pat
     with LocalCluster(workers=2) as cluster:
         proc = _driver(spec, out, cluster, log)
         try:
-            _wait(lambda: (cell_dir / "checkpoints" / "step_0000008.pt").is_file(), proc=proc, timeout=400, log=log)
+            wait_for(lambda: (cell_dir / "checkpoints" / "step_0000008.pt").is_file(), proc=proc, timeout=400, log=log)
             (first,) = _lines(cell_dir / "attempts.jsonl")
             assert first["node_id"] in cluster.workers
             tic = time.time()
@@ -96,7 +89,7 @@ def test_a_lost_head_stops_the_driver_cleanly_and_a_rerun_resumes(tmp_path: Path
         proc = _driver(spec, out, cluster, log, "--max-concurrent", "1", DDSM_BENCH_CLUSTER_LOST_S="5")
         try:
             ckpt = lambda c: out / "cells" / c.hash / "checkpoints" / "step_0000008.pt"  # noqa: E731
-            _wait(lambda: ckpt(first).is_file() or ckpt(second).is_file(), proc=proc, timeout=400, log=log)
+            wait_for(lambda: ckpt(first).is_file() or ckpt(second).is_file(), proc=proc, timeout=400, log=log)
             running = first if ckpt(first).is_file() else second
             tic = time.time()
             cluster.kill_head()

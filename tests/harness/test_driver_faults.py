@@ -16,12 +16,7 @@ from harness.cells import expand
 from harness.driver import Event, StopFlag, TrialOutcome, drive
 from harness.grid import GridPolicy, GridSummary
 from harness.spec import parse_spec
-from tests.harness.fakes import FakeLauncher, MemoryRecorder, default_script
-
-
-class _NoConsole:
-    def refresh(self) -> None:
-        pass
+from tests.harness.fakes import FakeLauncher, MemoryRecorder, NoConsole, default_script
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +32,7 @@ def _run(grid, out: Path, recorder: MemoryRecorder, launcher: FakeLauncher, *, s
     parent = recorder.start_parent(key="grid", name="g", tags={}, params={})
     policy = GridPolicy(spec=spec, cells=cells, out=out, recorder=recorder, parent=parent, sha="sha")
     stop = stop if stop is not None else StopFlag()
-    drive(policy, launcher, recorder, _NoConsole(), limit=limit, stop=stop, grace_s=1.0)
+    drive(policy, launcher, recorder, NoConsole(), limit=limit, stop=stop, grace_s=1.0)
     return policy, stop
 
 

@@ -26,6 +26,7 @@ from mlflow import MlflowClient
 from harness.cells import expand
 from harness.spec import load_spec
 from harness.tracking_queue import JOURNAL_FILE
+from tests.harness.fakes import wait_for
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,14 +84,6 @@ def _driver(spec: Path, out: Path, server: Server, ray_address: str, log: Path, 
     return subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def _wait(what, *, proc: subprocess.Popen, timeout: float, log: Path) -> None:
-    deadline = time.time() + timeout
-    while not what():
-        if proc.poll() is not None or time.time() > deadline:
-            raise AssertionError(f"waited {timeout:.0f} s (driver rc {proc.poll()}):\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-
-
 def _started(out: Path, cell) -> bool:
     return (out / "cells" / cell.hash / "attempts.jsonl").is_file()
 
@@ -113,10 +106,10 @@ def test_the_grid_goes_on_through_an_outage_and_writes_everything_when_the_serve
     out, log = tmp_path / "out", tmp_path / "driver.log"
     proc = _driver(spec, out, server, ray_address, log)
     try:
-        _wait(lambda: _started(out, cells[0]), proc=proc, timeout=300, log=log)
+        wait_for(lambda: _started(out, cells[0]), proc=proc, timeout=300, log=log)
         server.stop()
         down = time.time()
-        _wait(lambda: _started(out, cells[1]), proc=proc, timeout=300, log=log)  # launches while the store is away
+        wait_for(lambda: _started(out, cells[1]), proc=proc, timeout=300, log=log)  # launches while the store is away
         launched_while_down = time.time() - down
         up_after = server.start()
         rc = proc.wait(timeout=900)
@@ -146,7 +139,7 @@ def test_an_outage_past_the_limit_exits_3_and_a_rerun_records_everything(
         server.start()
     proc = _driver(spec, out, server, ray_address, log, "--tracking-outage-s", "20")
     try:
-        _wait(lambda: (out / "cells" / first.hash / "result.json").is_file() and _started(out, second), proc=proc,
+        wait_for(lambda: (out / "cells" / first.hash / "result.json").is_file() and _started(out, second), proc=proc,
               timeout=600, log=log)
         server.stop()
         down = time.time()

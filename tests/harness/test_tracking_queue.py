@@ -17,7 +17,7 @@ from harness.driver import StopFlag, TrackingLost, drive
 from harness.grid import GridPolicy
 from harness.spec import parse_spec
 from harness.tracking_queue import JOURNAL_FILE, LOST, REFUSED, RETRY, QueuedRecorder
-from tests.harness.fakes import FakeLauncher, MemoryRecorder
+from tests.harness.fakes import FakeLauncher, MemoryRecorder, NoConsole
 
 
 class FlakyStore:
@@ -50,11 +50,6 @@ def classify(e: BaseException) -> str:
     return REFUSED if isinstance(e, RefusedWrite) else LOST if isinstance(e, OSError) and "damaged" in str(e) else RETRY
 
 
-class _NoConsole:
-    def refresh(self) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def grid():
     spec = parse_spec({"name": "g", "base": {"train": {"steps": 4}},
@@ -74,7 +69,7 @@ def _run(grid, out: Path, recorder, launcher, *, limit: int = 2) -> tuple[GridPo
     parent = recorder.start_parent(key="grid", name="g", tags={}, params={})
     policy = GridPolicy(spec=spec, cells=cells, out=out, recorder=recorder, parent=parent, sha="sha")
     stop = StopFlag()
-    drive(policy, launcher, recorder, _NoConsole(), limit=limit, stop=stop, grace_s=1.0)
+    drive(policy, launcher, recorder, NoConsole(), limit=limit, stop=stop, grace_s=1.0)
     return policy, stop
 
 
