@@ -34,7 +34,7 @@ from harness.cells import Cell, expand, grid_hash
 from harness.driver import Event, Job, Policy, Recorder, TrialOutcome, TrialPayload, read_result, write_json
 from harness.mlflow_io import Tag, record_event, write_report_from_mlflow
 from harness.session import (cluster, default_concurrency, git_sha, open_recorder, preflight, print_where_to_look,
-                             run_policy)
+                             run_policy, store_while_ray_starts)
 from harness.spec import GridSpec, flatten, load_spec
 from harness.worker import FAIL_ONCE_ENV, cell_artifacts
 
@@ -247,9 +247,11 @@ def run_grid(spec: GridSpec | str | Path, *, out_dir: str | Path, address: str |
     res = spec.trial_resources
     out_path = Path(out_dir).resolve()
     preflight(tracking_uri=tracking_uri, out=out_path)
-    with cluster(address=address, resources=res, out=out_path, dashboard=dashboard) as connection:
+    with store_while_ray_starts(tracking_uri=tracking_uri, out=out_path, experiment=spec.experiment,
+                                artifact_location=artifact_location) as store, \
+            cluster(address=address, resources=res, out=out_path, dashboard=dashboard) as connection:
         recorder = open_recorder(tracking_uri=tracking_uri, out=out_path, experiment=spec.experiment,
-                                 artifact_location=artifact_location)
+                                 artifact_location=artifact_location, prepared=store)
         print_where_to_look(recorder, connection, console=view.stdout_console(console),
                             artifact_location=artifact_location)
         write_grid_json(out_path / "grid.json", spec, cells)
@@ -272,9 +274,9 @@ def run_grid(spec: GridSpec | str | Path, *, out_dir: str | Path, address: str |
                               experiment_id=recorder.experiment_id, parent_run_id=parent, results=policy.results,
                               interrupted=interrupted)
         view.print_grid_summary(summary, console=console)
-        if not interrupted:
-            _write_report(summary, console=console)
-        return summary
+    if not interrupted:  # after Ray's shutdown (when this session started it): its processes stop competing
+        _write_report(summary, console=console)
+    return summary
 
 
 def _write_report(summary: GridSummary, *, console: Any) -> None:

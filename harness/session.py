@@ -2,14 +2,19 @@
 
 :func:`preflight` checks, before Ray starts or anything is written, that the tracking store (and a
 study's storage) answers; :func:`cluster` connects to Ray and checks that a trial fits the cluster
-and that every node sees ``--out``; :func:`open_recorder` opens the MLflow store;
+and that every node sees ``--out``; :func:`open_recorder` opens the MLflow store (a new default
+SQLite store is built by :func:`store_while_ray_starts` in a temporary folder while ``ray.init``
+runs, and moved into ``--out`` once the cluster checks pass);
 :func:`print_where_to_look` says where the runs, the dashboard and the study can be watched;
 :func:`run_policy` drives a policy on Ray with Ctrl-C / SIGTERM turned into the stop flag. Grids
 (:mod:`harness.grid`) and studies (:mod:`harness.study`) differ only in their policy.
 """
 from __future__ import annotations
 
+import shutil
 import subprocess
+import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -17,12 +22,13 @@ from typing import Any
 
 from harness import ray_backend
 from harness.driver import Console, Policy, drive, stop_on_signals
-from harness.mlflow_io import MlflowRecorder, store_uri, ui_hint
+from harness.mlflow_io import STORE_FILE, MlflowRecorder, store_uri, ui_hint
 from harness.preflight import check_database, check_tracking_uri
 from harness.secrets import redact
 from harness.spec import Resources
 
-__all__ = ["cluster", "git_sha", "open_recorder", "preflight", "print_where_to_look", "run_policy"]
+__all__ = ["PreparedStore", "cluster", "git_sha", "open_recorder", "preflight", "print_where_to_look", "run_policy",
+           "store_while_ray_starts"]
 
 
 def preflight(*, tracking_uri: str | None, out: Path, storage: str | None = None) -> str:
@@ -61,18 +67,83 @@ def default_concurrency(resources: Resources) -> int:
     return ray_backend.default_concurrency(resources)
 
 
+def _artifact_root(uri: str, out: Path, artifact_location: str | None) -> str | Path | None:
+    """Where a new experiment keeps its artifacts (see :func:`open_recorder`)."""
+    served = uri.startswith(("http://", "https://"))
+    return artifact_location or (None if served else out / "mlartifacts")
+
+
 def open_recorder(*, tracking_uri: str | None, out: Path, experiment: str,
-                  artifact_location: str | None = None) -> MlflowRecorder:
+                  artifact_location: str | None = None, prepared: PreparedStore | None = None) -> MlflowRecorder:
     """The MLflow recorder of a session: ``tracking_uri``, or ``sqlite:///<out>/mlflow.db``.
 
     Artifacts of a new experiment go to ``artifact_location``; without one, to ``<out>/mlartifacts``
     for a local or database store (never the driver's working directory), and to the server's default
-    for an ``http(s)://`` server.
+    for an ``http(s)://`` server. ``prepared``: a store built while Ray started, put in place first.
     """
+    if prepared is not None:
+        prepared.install()
     uri = store_uri(tracking_uri, folder=out)
-    served = uri.startswith(("http://", "https://"))
-    root = artifact_location or (None if served else out / "mlartifacts")
-    return MlflowRecorder(tracking_uri=uri, experiment=experiment, artifact_root=root)
+    return MlflowRecorder(tracking_uri=uri, experiment=experiment, artifact_root=_artifact_root(uri, out,
+                                                                                                artifact_location))
+
+
+class PreparedStore:
+    """A new SQLite tracking store (schema migrations, experiment, its tags) built in a temporary folder
+    by a background thread, so that its ~3 s overlap ``ray.init``; :meth:`install` moves it to its place.
+
+    Only for the default store ``<out>/mlflow.db`` when it does not exist yet: nothing is written under
+    ``out`` before the cluster checks pass (a failed check leaves no ``out``). Any failure in the thread
+    only means :func:`open_recorder` builds the store itself, as without it.
+    """
+
+    def __init__(self, *, target: Path, experiment: str, artifact_root: str | Path | None) -> None:
+        """Start building the store for ``target`` (the final mlflow.db path) in a temporary folder."""
+        self.target = target
+        self._tmp = Path(tempfile.mkdtemp(prefix="ddsm-bench-store-"))
+        self._ok = False
+        self._thread = threading.Thread(target=self._build, args=(experiment, artifact_root), daemon=True,
+                                        name="ddsm-bench-store")
+        self._thread.start()
+
+    def _build(self, experiment: str, artifact_root: str | Path | None) -> None:
+        with suppress(Exception):
+            MlflowRecorder(tracking_uri=f"sqlite:///{self._tmp / self.target.name}", experiment=experiment,
+                           artifact_root=artifact_root)
+            self._ok = True
+
+    def install(self, timeout_s: float = 300.0) -> bool:
+        """Wait for the thread; move the built store to ``target`` unless one appeared there meanwhile.
+        True when it was moved."""
+        self._thread.join(timeout_s)
+        built = self._tmp / self.target.name
+        if self._thread.is_alive() or not self._ok or self.target.exists() or not built.is_file():
+            return False
+        shutil.move(built, self.target)
+        return True
+
+    def close(self) -> None:
+        """Remove the temporary folder (waits for the thread first)."""
+        self._thread.join(300.0)
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+@contextmanager
+def store_while_ray_starts(*, tracking_uri: str | None, out: Path, experiment: str,
+                           artifact_location: str | None = None) -> Iterator[PreparedStore | None]:
+    """Yield a :class:`PreparedStore` building ``<out>/mlflow.db`` in the background when the session
+    uses the default store and it does not exist yet (else None); enter it before :func:`cluster` and
+    pass it to :func:`open_recorder`. Its temporary folder is removed on exit."""
+    target = out / STORE_FILE
+    if tracking_uri is not None or target.exists():
+        yield None
+        return
+    prepared = PreparedStore(target=target, experiment=experiment,
+                             artifact_root=_artifact_root(store_uri(None, folder=out), out, artifact_location))
+    try:
+        yield prepared
+    finally:
+        prepared.close()
 
 
 def print_where_to_look(recorder: MlflowRecorder, connection: ray_backend.Connection, *, console: Any,
