@@ -36,7 +36,7 @@ from harness.driver import (Event, Job, Policy, Recorder, TrialOutcome, TrialPay
                             write_json)
 from harness.mlflow_io import Tag, record_event, write_report_from_mlflow
 from harness.session import (claim_out, close_recorder, cluster, default_concurrency, git_sha, open_recorder,
-                             preflight, print_where_to_look, run_policy, stop_exit_code)
+                             preflight, print_where_to_look, run_policy, stop_exit_code, store_while_ray_starts)
 from harness.spec import GridSpec, flatten, load_spec
 from harness.worker import FAIL_ONCE_ENV, OUTCOMES_FILE, cell_artifacts
 
@@ -291,42 +291,45 @@ def run_grid(spec: GridSpec | str | Path, *, out_dir: str | Path, address: str |
     out_path = Path(out_dir).resolve()
     say = view.line_printer(console)
     preflight(tracking_uri=tracking_uri, out=out_path)
-    with claim_out(out_path, command=f"ddsm-bench run {spec.source}", say=say), \
-            cluster(address=address, resources=res, out=out_path, dashboard=dashboard) as connection:
-        recorder = open_recorder(tracking_uri=tracking_uri, out=out_path, experiment=spec.experiment, say=say,
-                                 outage_s=spec.tracking_outage_s if tracking_outage_s is None else tracking_outage_s,
-                                 artifact_location=artifact_location)
-        print_where_to_look(recorder, connection, console=view.stdout_console(console),
-                            artifact_location=artifact_location)
-        stop = None
-        try:
-            write_grid_json(out_path / "grid.json", spec, cells)
-            sha = git_sha()
-            parent = recorder.start_parent(
-                key=grid_hash([c.hash for c in cells]), name=spec.name,
-                tags={Tag.SPEC: spec.source, Tag.GIT_SHA: sha, Tag.SMOKE: spec.mode.smoke,
-                      Tag.BASELINE: spec.baseline},
-                params={"cells": len(cells), "seeds": spec.seeds, "max_failures": spec.max_failures,
-                        "retry_on": spec.retry_on, **{f"resources.{k}": v for k, v in dataclasses.asdict(res).items()}})
-            policy = GridPolicy(spec=spec, cells=cells, out=out_path, recorder=recorder, parent=parent, sha=sha,
-                                log_checkpoints=log_checkpoints, fail_once=os.environ.get(FAIL_ONCE_ENV))
-            with view.ProgressBoard(policy.results, console=console) as board:
-                stop = run_policy(policy, resources=res, recorder=recorder, console=board,
-                                  limit=max_concurrent or default_concurrency(res), train_fn=train_fn,
-                                  fresh_workers=fresh_workers)
-            for note in policy.notes:
-                say(note)
-            recorder.log_artifact(parent, out_path / "grid.json")  # lets the report show cells never run
-            recorder.end_run(parent, status="KILLED" if stop else
-                             ("FINISHED" if all(r.done for r in policy.results) else "FAILED"))
-        finally:
-            journaled = close_recorder(recorder, stop)
-        summary = GridSummary(spec=spec, out_dir=out_path, tracking_uri=recorder.tracking_uri,
-                              experiment_id=recorder.experiment_id, parent_run_id=parent, results=policy.results,
-                              interrupted=bool(stop), stop_reason=stop.reason, stop_message=stop.message,
-                              journaled=journaled)
-        view.print_grid_summary(summary, console=console)
-        if not stop:
+    with claim_out(out_path, command=f"ddsm-bench run {spec.source}", say=say):
+        with store_while_ray_starts(tracking_uri=tracking_uri, out=out_path, experiment=spec.experiment,
+                                    artifact_location=artifact_location) as store, \
+                cluster(address=address, resources=res, out=out_path, dashboard=dashboard) as connection:
+            outage_s = spec.tracking_outage_s if tracking_outage_s is None else tracking_outage_s
+            recorder = open_recorder(tracking_uri=tracking_uri, out=out_path, experiment=spec.experiment, say=say,
+                                     outage_s=outage_s, artifact_location=artifact_location, prepared=store)
+            print_where_to_look(recorder, connection, console=view.stdout_console(console),
+                                artifact_location=artifact_location)
+            stop = None
+            try:
+                write_grid_json(out_path / "grid.json", spec, cells)
+                sha = git_sha()
+                parent = recorder.start_parent(
+                    key=grid_hash([c.hash for c in cells]), name=spec.name,
+                    tags={Tag.SPEC: spec.source, Tag.GIT_SHA: sha, Tag.SMOKE: spec.mode.smoke,
+                          Tag.BASELINE: spec.baseline},
+                    params={"cells": len(cells), "seeds": spec.seeds, "max_failures": spec.max_failures,
+                            "retry_on": spec.retry_on,
+                            **{f"resources.{k}": v for k, v in dataclasses.asdict(res).items()}})
+                policy = GridPolicy(spec=spec, cells=cells, out=out_path, recorder=recorder, parent=parent, sha=sha,
+                                    log_checkpoints=log_checkpoints, fail_once=os.environ.get(FAIL_ONCE_ENV))
+                with view.ProgressBoard(policy.results, console=console) as board:
+                    stop = run_policy(policy, resources=res, recorder=recorder, console=board,
+                                      limit=max_concurrent or default_concurrency(res), train_fn=train_fn,
+                                      fresh_workers=fresh_workers)
+                for note in policy.notes:
+                    say(note)
+                recorder.log_artifact(parent, out_path / "grid.json")  # lets the report show cells never run
+                recorder.end_run(parent, status="KILLED" if stop else
+                                 ("FINISHED" if all(r.done for r in policy.results) else "FAILED"))
+            finally:
+                journaled = close_recorder(recorder, stop)
+            summary = GridSummary(spec=spec, out_dir=out_path, tracking_uri=recorder.tracking_uri,
+                                  experiment_id=recorder.experiment_id, parent_run_id=parent, results=policy.results,
+                                  interrupted=bool(stop), stop_reason=stop.reason, stop_message=stop.message,
+                                  journaled=journaled)
+            view.print_grid_summary(summary, console=console)
+        if not stop:  # after Ray's shutdown (when this session started it): its processes stop competing
             _write_report(summary, console=console)
         return summary
 

@@ -4,7 +4,9 @@
 study's storage) answers; :func:`claim_out` makes ``--out`` a writable folder and takes its lock (one
 driver per out dir, :mod:`harness.lock`); :func:`cluster` connects to Ray and checks, before anything
 is written, that a trial fits the cluster and that every node sees ``--out``; :func:`open_recorder`
-opens the MLflow store behind the retry queue of :mod:`harness.tracking_queue`;
+opens the MLflow store behind the retry queue of :mod:`harness.tracking_queue` (a new default
+SQLite store is built by :func:`store_while_ray_starts` in a temporary folder while ``ray.init``
+runs, and moved into ``--out`` once the cluster checks pass);
 :func:`print_where_to_look` says where the runs, the dashboard and the study can be watched;
 :func:`run_policy` drives a policy on Ray with Ctrl-C / SIGTERM, a lost tracking store and a lost
 cluster turned into the stop flag; :func:`close_recorder` writes what is buffered (or journals it for
@@ -14,8 +16,11 @@ Grids (:mod:`harness.grid`) and studies (:mod:`harness.study`) differ only in th
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -26,14 +31,14 @@ from ddsm.config import ConfigError
 from harness import exit_codes, ray_backend
 from harness.driver import Console, Policy, StopFlag, drive, stop_on_signals
 from harness.lock import OutDirLock
-from harness.mlflow_io import MlflowRecorder, Tag, classify_error, store_uri, ui_hint
+from harness.mlflow_io import STORE_FILE, MlflowRecorder, Tag, classify_error, store_uri, ui_hint
 from harness.preflight import check_database, check_tracking_uri
 from harness.secrets import redact
 from harness.spec import DEFAULT_TRACKING_OUTAGE_S, Resources
 from harness.tracking_queue import JOURNAL_FILE, QueuedRecorder
 
-__all__ = ["claim_out", "close_recorder", "cluster", "git_sha", "open_recorder", "preflight", "print_where_to_look",
-           "run_policy", "stop_exit_code"]
+__all__ = ["PreparedStore", "claim_out", "close_recorder", "cluster", "git_sha", "open_recorder", "preflight",
+           "print_where_to_look", "run_policy", "stop_exit_code", "store_while_ray_starts"]
 
 INTERRUPT_FLUSH_S = 10.0  # how long an interrupted driver waits for a slow store before journaling the rest
 LOST_FLUSH_S = 15.0  # the same when the cluster is lost (Ray ends such a driver 60 s after its head went away)
@@ -98,15 +103,23 @@ def default_concurrency(resources: Resources) -> int:
     return ray_backend.default_concurrency(resources)
 
 
+def _artifact_root(uri: str, out: Path, artifact_location: str | None) -> str | Path | None:
+    """Where a new experiment keeps its artifacts (see :func:`open_recorder`)."""
+    served = uri.startswith(("http://", "https://"))
+    return artifact_location or (None if served else out / "mlartifacts")
+
+
 def open_recorder(*, tracking_uri: str | None, out: Path, experiment: str, outage_s: float = DEFAULT_TRACKING_OUTAGE_S,
-                  artifact_location: str | None = None, say: Any = print) -> QueuedRecorder:
+                  artifact_location: str | None = None, say: Any = print,
+                  prepared: PreparedStore | None = None) -> QueuedRecorder:
     """The tracking recorder of a session: MLflow at ``tracking_uri`` (or ``sqlite:///<out>/mlflow.db``) behind
     the retry queue, journaling to ``<out>/tracking-journal.json``.
 
     Artifacts of a new experiment go to ``artifact_location``; without one, to ``<out>/mlartifacts``
     for a local or database store (never the driver's working directory), and to the server's default
     for an ``http(s)://`` server. ``outage_s``: how long the store may stay unreachable mid-run before the
-    driver stops; ``say`` receives the queue's lines (outage started, store back, a write refused).
+    driver stops; ``say`` receives the queue's lines (outage started, store back, a write refused). ``prepared``: a
+    store built while Ray started (:func:`store_while_ray_starts`), put in place first.
 
     Raises:
         ConfigError: the store's SQLite file is damaged (the message says how to rebuild it).
@@ -114,14 +127,73 @@ def open_recorder(*, tracking_uri: str | None, out: Path, experiment: str, outag
     # The queue retries; one MLflow request must fail fast so that the queue sees the store come back.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    if prepared is not None:
+        prepared.install()
     uri = store_uri(tracking_uri, folder=out)
-    served = uri.startswith(("http://", "https://"))
-    root = artifact_location or (None if served else out / "mlartifacts")
-    inner = MlflowRecorder(tracking_uri=uri, experiment=experiment, artifact_root=root)
+    inner = MlflowRecorder(tracking_uri=uri, experiment=experiment,
+                           artifact_root=_artifact_root(uri, out, artifact_location))
     me = f"{socket.gethostname()}:{os.getpid()}"
     return QueuedRecorder(inner, outage_s=outage_s, classify=classify_error, journal=out / JOURNAL_FILE,
                           heartbeat=lambda: {Tag.DRIVER: me, Tag.DRIVER_HEARTBEAT: round(time.time(), 1)},
                           notify=say)
+
+
+class PreparedStore:
+    """A new SQLite tracking store (schema migrations, experiment, its tags) built in a temporary folder
+    by a background thread, so that its ~3 s overlap ``ray.init``; :meth:`install` moves it to its place.
+
+    Only for the default store ``<out>/mlflow.db`` when it does not exist yet: nothing is written under
+    ``out`` before the cluster checks pass (a failed check leaves no ``out``). Any failure in the thread
+    only means :func:`open_recorder` builds the store itself, as without it.
+    """
+
+    def __init__(self, *, target: Path, experiment: str, artifact_root: str | Path | None) -> None:
+        """Start building the store for ``target`` (the final mlflow.db path) in a temporary folder."""
+        self.target = target
+        self._tmp = Path(tempfile.mkdtemp(prefix="ddsm-bench-store-"))
+        self._ok = False
+        self._thread = threading.Thread(target=self._build, args=(experiment, artifact_root), daemon=True,
+                                        name="ddsm-bench-store")
+        self._thread.start()
+
+    def _build(self, experiment: str, artifact_root: str | Path | None) -> None:
+        with suppress(Exception):
+            MlflowRecorder(tracking_uri=f"sqlite:///{self._tmp / self.target.name}", experiment=experiment,
+                           artifact_root=artifact_root)
+            self._ok = True
+
+    def install(self, timeout_s: float = 300.0) -> bool:
+        """Wait for the thread; move the built store to ``target`` unless one appeared there meanwhile.
+        True when it was moved."""
+        self._thread.join(timeout_s)
+        built = self._tmp / self.target.name
+        if self._thread.is_alive() or not self._ok or self.target.exists() or not built.is_file():
+            return False
+        shutil.move(built, self.target)
+        return True
+
+    def close(self) -> None:
+        """Remove the temporary folder (waits for the thread first)."""
+        self._thread.join(300.0)
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+@contextmanager
+def store_while_ray_starts(*, tracking_uri: str | None, out: Path, experiment: str,
+                           artifact_location: str | None = None) -> Iterator[PreparedStore | None]:
+    """Yield a :class:`PreparedStore` building ``<out>/mlflow.db`` in the background when the session
+    uses the default store and it does not exist yet (else None); enter it before :func:`cluster` and
+    pass it to :func:`open_recorder`. Its temporary folder is removed on exit."""
+    target = out / STORE_FILE
+    if tracking_uri is not None or target.exists():
+        yield None
+        return
+    prepared = PreparedStore(target=target, experiment=experiment,
+                             artifact_root=_artifact_root(store_uri(None, folder=out), out, artifact_location))
+    try:
+        yield prepared
+    finally:
+        prepared.close()
 
 
 def print_where_to_look(recorder: QueuedRecorder | MlflowRecorder, connection: ray_backend.Connection, *,

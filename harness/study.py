@@ -47,7 +47,7 @@ from harness.mlflow_io import Tag, record_event
 from harness.optuna_study import StudyBook, count_finished, open_study, states, summary, write_outputs
 from harness.secrets import redact
 from harness.session import (claim_out, close_recorder, cluster, default_concurrency, git_sha, open_recorder,
-                             preflight, print_where_to_look, run_policy, stop_exit_code)
+                             preflight, print_where_to_look, run_policy, stop_exit_code, store_while_ray_starts)
 from harness.spec import flatten
 from harness.tune_spec import TuneSpec, load_tune_spec
 from harness.worker import FAIL_ONCE_ENV, cell_artifacts
@@ -305,13 +305,15 @@ def run_study(spec: TuneSpec | str | Path, *, out_dir: str | Path, address: str 
     storage = spec.search.storage or f"sqlite:///{out / 'study.db'}"
     preflight(tracking_uri=tracking_uri, out=out, storage=storage)
     with claim_out(out, command=f"ddsm-bench tune {spec.source}", say=say), \
+            store_while_ray_starts(tracking_uri=tracking_uri, out=out, experiment=spec.experiment,
+                                   artifact_location=artifact_location) as store, \
             cluster(address=address, resources=res, out=out, dashboard=dashboard) as connection:
         name = spec.study_name
         study = open_study(spec, storage=storage, study_name=name, rung_step=base.train.val_every,
                            total_steps=base.train.steps)
         recorder = open_recorder(tracking_uri=tracking_uri, out=out, experiment=spec.experiment, say=say,
                                  outage_s=spec.tracking_outage_s if tracking_outage_s is None else tracking_outage_s,
-                                 artifact_location=artifact_location)
+                                 artifact_location=artifact_location, prepared=store)
         print_where_to_look(recorder, connection, console=console, storage=storage,
                             artifact_location=artifact_location)
         stop = None

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from ddsm.config import ConfigError
 from ddsm.models.position import PositionEmbedding
-from ddsm.models.precision import conv2d_fp32
+from ddsm.models.precision import at_least_fp32, conv2d_fp32, float32_region
 from ddsm.models.sampling import OUT_OF_MAP, dynamic_affinity
 
 BRANCHES = ("spatial", "channel", "dual")
@@ -150,6 +150,28 @@ def to_memory_format(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
     return _ToMemoryFormat.apply(x, fmt)
 
 
+def conv3x3_of_upsampled(x: torch.Tensor, weight: torch.Tensor, *, size: tuple[int, int],
+                         align_corners: bool) -> torch.Tensor:
+    """``conv2d(up(x), weight, padding=1)`` in float32 (under any autocast), with up = bilinear upsampling
+    to ``size``, computed without up(x): x (B, C, h, w), weight (n, C, 3, 3) -> (B, n, H, W).
+
+    Each of the 3x3 taps is a 1x1 conv, and a 1x1 conv commutes with bilinear upsampling (its weights sum
+    to 1): the nine taps run at h x w as one 1x1 conv C -> 9n, their 9n maps are upsampled, and a fixed
+    one-hot grouped 3x3 conv adds each tap shifted by its kernel position, with the same zero padding at
+    the border as the conv on up(x). Equal to the direct form up to float rounding (exact algebra, any
+    ``align_corners``, any size); 4x fewer FLOPs for the taps at a 2x upsampling and no C-channel map at
+    H x W (on CPU: ~25% less time for this half at 64x128, C=128; tests/ddsm/models/test_offsets.py).
+    """
+    n, c = weight.shape[:2]
+    with float32_region(x.device):
+        x = at_least_fp32(x)
+        taps = weight.to(x.dtype).permute(0, 2, 3, 1).reshape(n * 9, c, 1, 1)  # channel o*9 + ky*3 + kx
+        z = F.conv2d(x, taps)  # (B, 9n, h, w)
+        z = F.interpolate(z, size=size, mode="bilinear", align_corners=align_corners)  # (B, 9n, H, W)
+        shift = torch.eye(9, dtype=z.dtype, device=z.device).view(1, 9, 3, 3).repeat(n, 1, 1, 1)  # (n, 9, 3, 3)
+        return F.conv2d(z, shift, padding=1, groups=n)  # (B, n, H, W): sum over taps t of z_t shifted by t
+
+
 def _bound(offsets: torch.Tensor, offset_range: float) -> torch.Tensor:
     return offsets if offset_range <= 0 else offset_range * torch.tanh(offsets / offset_range)
 
@@ -190,7 +212,8 @@ class SpatialBranch(nn.Module):
         result up to float rounding: channels-last maps (faster convs, free row views for sampling);
         query and the x_l half of the key as one 1x1 conv; the up(x_h) half of the key and the value
         at h x w before upsampling (a 1x1 conv commutes with bilinear upsampling, whose weights sum
-        to 1); the offset conv as two convs on x_l and up(x_h) instead of one on their concat.
+        to 1); the offset conv as two convs on x_l and up(x_h) instead of one on their concat, the
+        up(x_h) one as nine 1x1 taps at h x w (:func:`conv3x3_of_upsampled`).
         """
         C, size = x_l.shape[1], x_l.shape[-2:]
         d = self.query.out_channels
@@ -211,16 +234,16 @@ class SpatialBranch(nn.Module):
         return self.proj(y)
 
     def _offsets(self, x_l: torch.Tensor, x_h: torch.Tensor) -> torch.Tensor:
-        """The offset conv on concat(x_l, up(x_h)), as two convs (one per half of its input), bounded, in
+        """The offset conv on concat(x_l, up(x_h)), as two convs (one per half of its input; the up(x_h)
+        half at h x w, :func:`conv3x3_of_upsampled`), bounded, in
         float32 under any autocast (positions of tens of pixels need more than bf16's 8 mantissa bits);
         zeros without learned offsets. x_l (B, C, H, W), x_h (B, C, h, w) -> (B, 2N, H, W) float32."""
         B, C, H, W = x_l.shape
         if self.offset is None:
             return x_l.new_zeros(B, 2 * self.num_points, H, W, dtype=torch.promote_types(x_l.dtype, torch.float32))
-        up_h = F.interpolate(x_h, size=(H, W), mode="bilinear", align_corners=self.align_corners)  # (B, C, H, W)
         w_off = self.offset.weight
         offsets = (conv2d_fp32(x_l, w_off[:, :C], self.offset.bias, padding=1)
-                   + conv2d_fp32(up_h, w_off[:, C:], padding=1))
+                   + conv3x3_of_upsampled(x_h, w_off[:, C:], size=(H, W), align_corners=self.align_corners))
         return _bound(offsets, self.offset_range)
 
 

@@ -67,7 +67,7 @@ FREE_OPS = frozenset({
     # creation
     "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros", "zeros_like",
     "new_zeros", "ones", "ones_like", "new_ones", "full", "full_like", "new_full", "fill_", "zero_",
-    "fill", "scalar_tensor", "arange", "linspace", "rand", "randn", "randint", "rand_like", "randn_like",
+    "fill", "scalar_tensor", "eye", "arange", "linspace", "rand", "randn", "randint", "rand_like", "randn_like",
     "normal_", "uniform_", "bernoulli_", "resize_",
     # metadata and host transfers
     "_local_scalar_dense", "item", "size", "sym_size", "stride", "sym_stride", "numel", "sym_numel", "dim",
