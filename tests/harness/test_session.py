@@ -20,8 +20,10 @@ def test_store_built_in_the_background_is_moved_into_out(tmp_path: Path):
     assert recorder.tracking_uri == f"sqlite:///{(out / 'mlflow.db').resolve()}"
     assert recorder.artifact_location == artifact_uri(out / "mlartifacts")  # the final place, not the temp one
     run = recorder.start_parent(key="k", name="grid", tags={}, params={})
+    assert recorder.close(timeout_s=60)
     again = open_recorder(tracking_uri=None, out=out, experiment="e")  # the same store, reopened
-    assert again.experiment_id == recorder.experiment_id and again._client.get_run(run).info.run_id == run
+    assert again.experiment_id == recorder.experiment_id and again.inner._client.get_run(run).info.run_id == run
+    again.close(timeout_s=10)
 
 
 def test_no_background_store_for_an_existing_store_or_another_uri(tmp_path: Path):
