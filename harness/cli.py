@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ddsm-bench {args.command}: stopped: {redact(str(e))}; re-run the same command once the store "
               "is back", file=sys.stderr)
         return exit_codes.TRACKING_LOST
-    except KeyboardInterrupt:
-        print(f"ddsm-bench {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (see _sigterm_as_ctrl_c): say which when known
+        print(f"ddsm-bench {args.command}: interrupted" + (f" by {e}" if str(e) else ""), file=sys.stderr)
         return exit_codes.INTERRUPTED
     except Exception:  # noqa: BLE001 - a bug: the traceback, with any password a URL in it carried hidden
         print(redact(traceback.format_exc()), file=sys.stderr, end="")
@@ -117,7 +117,11 @@ def _sigterm_as_ctrl_c():  # noqa: ANN202 - the previous handler, or None
 
     if threading.current_thread() is not threading.main_thread():
         return None
-    return signal.signal(signal.SIGTERM, lambda signum, frame: signal.default_int_handler(signum, frame))
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,8 @@ def stop_lines(summary: Any) -> list[str]:
     if summary.stop_reason == "cluster":
         return [f"stopped: {summary.stop_message}", "running cells were marked KILLED and resume from their "
                 f"checkpoints{journal}; re-run the same command once the cluster is back"]
-    return [f"interrupted: running cells were checkpointed and marked KILLED{journal}; re-run the same command "
+    by = f" ({summary.stop_message})" if summary.stop_message else ""
+    return [f"interrupted{by}: running cells were checkpointed and marked KILLED{journal}; re-run the same command "
             "to resume"]
 
 

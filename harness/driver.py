@@ -282,9 +282,12 @@ def stop_on_signals() -> Iterator[StopFlag]:
         return
 
     def handler(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
         if flag:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(f"{name} again")
         flag.set(signum)
+        if flag.reason == "signal":  # the summary says which signal stopped the session
+            flag.message = flag.message or f"{name} received"
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -339,8 +342,10 @@ def drive(policy: Policy, launcher: Launcher, recorder: Recorder, console: Conso
                     policy.on_outcome(f.job, launcher.outcome(f.handle))
             recorder.flush()
             console.refresh()
-    except KeyboardInterrupt:  # the second Ctrl-C while a step was busy: clean up what we can, now
+    except KeyboardInterrupt as e:  # the second Ctrl-C while a step was busy: clean up what we can, now
         stop.set()
+        if stop.reason == "signal" and not stop.message:
+            stop.message = f"KeyboardInterrupt ({e})" if str(e) else "KeyboardInterrupt"
         aborted = True
     except TrackingLost as e:  # a read found the store gone
         stop.lost("tracking", str(e))

@@ -155,6 +155,7 @@ def test_grid_interrupted_at_any_call_loses_nothing_and_resumes(grid, tmp_path: 
             policy, interrupted = _grid(grid, out, recorder, FakeLauncher(hook=hook), stop=stop)
         assert interrupted, k
         assert stop.signum == (signal.SIGINT if by_signal and k % 2 else signal.SIGTERM), k
+        assert stop.message == (f"{signal.Signals(stop.signum).name} received" if by_signal else ""), k
         assert not [r for r in recorder.children() if r.status == "RUNNING"], k  # every run closed
         on_disk = {c.hash for c in grid[1] if (out / "cells" / c.hash / "result.json").is_file()}
         finished = {h for h, runs in recorder.by_hash().items() if any(r.status == "FINISHED" for r in runs)}
@@ -349,3 +350,18 @@ def test_stop_flag_from_a_signal_only_in_the_main_thread():
     t.join()
     assert seen == [signal.default_int_handler, True]
     assert TrialOutcome(status="finished").finished and not TrialOutcome(status="failed").finished
+
+
+def test_sigterm_outside_the_driver_loop_exits_130_naming_the_signal(monkeypatch, capsys):
+    """The preamble (and what follows the loop) turns SIGTERM into Ctrl-C; the exit line says which signal it was."""
+    from harness import cli, cmd_run
+
+    def run(args):  # noqa: ANN001, ANN202 - stands in for the grid's preamble
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cmd_run, "run", run)
+    assert cli.main(["run", "spec.yaml"]) == 130
+    assert "ddsm-bench run: interrupted by SIGTERM" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # restored
