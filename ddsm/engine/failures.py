@@ -1,4 +1,9 @@
-"""Why a trial stopped: the failure classes the harness records (``oom``, ``nan``, ``killed``, ``error``)."""
+"""Why a trial stopped: the failure classes the harness records (``oom``, ``nan``, ``config``, ``error``,
+``killed``), in the order a root cause wins over its echoes (one DDP rank's OOM makes the others fail).
+
+``config`` is a :class:`ddsm.config.ConfigError` raised inside a trial (a value, file or checkpoint the
+driver could not check): deterministic, so the harness never retries it.
+"""
 from __future__ import annotations
 
 import signal
@@ -8,9 +13,13 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["FAILURE_CLASSES", "TrainingDiverged", "TrialKilled", "classify_failure", "sigterm_as_exception"]
+from ddsm.config import ConfigError
 
-FAILURE_CLASSES = ("oom", "nan", "error", "killed")
+__all__ = ["FAILURE_CLASSES", "NEVER_RETRIED", "TrainingDiverged", "TrialKilled", "classify_failure",
+           "sigterm_as_exception"]
+
+FAILURE_CLASSES = ("oom", "nan", "config", "error", "killed")
+NEVER_RETRIED = ("config",)  # the same attempt fails the same way
 
 
 class TrainingDiverged(RuntimeError):
@@ -36,7 +45,7 @@ def classify_failure(exc: BaseException) -> str:
     ``KeyboardInterrupt``/``SystemExit``/:class:`TrialKilled` -> ``killed``; CUDA or host out-of-memory
     (``torch.cuda.OutOfMemoryError``, ``MemoryError``, a RuntimeError saying "out of memory") -> ``oom``;
     anything with a ``failure_class`` attribute (e.g. :class:`TrainingDiverged`) -> that value;
-    everything else -> ``error``.
+    a :class:`~ddsm.config.ConfigError` (bad value, file or checkpoint) -> ``config``; everything else -> ``error``.
     """
     seen: set[int] = set()
     e: BaseException | None = exc
@@ -51,6 +60,8 @@ def classify_failure(exc: BaseException) -> str:
         cls = getattr(e, "failure_class", None)
         if cls in FAILURE_CLASSES:
             return cls
+        if isinstance(e, ConfigError):
+            return "config"
         e = e.__cause__ or e.__context__
     return "error"
 
