@@ -215,6 +215,12 @@ def _num(v: float | None, key: str) -> str:
 # ============================================================================ study
 
 
+def stderr_line(console: Console | None = None) -> Any:
+    """A ``line(text)`` printer on ``console`` (default: stderr), for the phases around the live table."""
+    target = console or Console(stderr=True)
+    return lambda text: target.print(text, highlight=False, soft_wrap=True, markup=False)
+
+
 class StudyLog:
     """A study's progress: one line per trial event, prefixed ``[verdicts/budget]``."""
 

@@ -9,6 +9,7 @@
 - :class:`RayLauncher`: the :class:`harness.driver.Launcher` on Ray: submit, wait, events (a Ray
   queue the workers' engine callbacks put on), outcome (Ray errors mapped to failure classes),
   cancel.
+- :func:`run_isolated`: one task alone on its device (the grid's cost phase, :mod:`harness.cost`).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from harness.spec import Resources
 from harness.worker import root_cause, run_trial
 
 __all__ = ["RayLauncher", "check_resources", "check_shared_storage", "connect", "default_concurrency",
-           "failure_class", "shutdown"]
+           "failure_class", "run_isolated", "shutdown"]
 
 
 # ============================================================================ the cluster
@@ -212,3 +213,29 @@ class RayLauncher:
     def close(self) -> None:
         """Remove the event queue's actor."""
         self.queue.shutdown()
+
+
+# ============================================================================ a task alone on its device
+
+
+@ray.remote(max_retries=0)
+def _isolated_task(fn: Any, arg: Any, threads: int) -> Any:
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    return fn(arg)
+
+
+def run_isolated(fn: Any, arg: Any, *, gpu: bool, threads: int = 1) -> Any:
+    """``fn(arg)`` in a Ray task that holds its device alone; return its result (its exception is raised).
+
+    GPU: one whole GPU (and ``threads`` CPUs), so no fractional-GPU trial shares it. CPU: every CPU of the
+    largest alive node, which Ray grants only when no other task holds one, so the task waits for an
+    idle node instead of sharing. Torch runs ``threads`` intra-op threads (the trial's ``train.threads``:
+    the cost of the computation that was trained, on a node nothing else of the cluster uses).
+    """
+    if gpu:
+        options = {"num_gpus": 1, "num_cpus": threads}
+    else:
+        options = {"num_cpus": max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive"))}
+    return ray.get(_isolated_task.options(**options).remote(fn, arg, threads))
