@@ -1,8 +1,11 @@
 """``ddsm-bench run SPEC``: run an ablation grid on Ray, tracked in MLflow, resumable.
 
+Changing only ``eval.*`` or ``data.val_split`` and re-running scores every finished cell again from its
+final checkpoint (nothing is trained); ``--reevaluate`` forces that for every finished cell.
+
 Exit codes: 0 every cell finished, 1 some cells failed after their retries (the others completed),
-2 bad input (spec, resources, storage; nothing was launched), 130 interrupted (Ctrl-C / SIGTERM:
-running cells are marked KILLED; re-run the same command to resume).
+2 bad input (spec, data files, resources, storage; nothing was launched), 130 interrupted (Ctrl-C /
+SIGTERM: running cells are marked KILLED; re-run the same command to resume).
 """
 from __future__ import annotations
 
@@ -25,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the cells, what differs from the baseline and a "
                    "cost estimate; launch nothing")
     p.add_argument("--log-checkpoints", action="store_true", help="upload each cell's last checkpoint to MLflow")
+    p.add_argument("--reevaluate", action="store_true", help="score every finished cell again from its final "
+                   "checkpoint with the spec's eval settings (train nothing); cells whose eval.* or data.val_split "
+                   "changed are re-evaluated without it")
     p.set_defaults(func=run)
 
 
@@ -42,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else Path("runs") / spec.name
     summary = run_grid(spec, out_dir=out, address=args.address, tracking_uri=args.tracking_uri,
-                       max_concurrent=args.max_concurrent, log_checkpoints=args.log_checkpoints)
+                       max_concurrent=args.max_concurrent, log_checkpoints=args.log_checkpoints,
+                       reevaluate=args.reevaluate)
     return summary.exit_code
 
 

@@ -34,7 +34,7 @@ __all__ = ["CELL_ARTIFACTS", "FAIL_ONCE_ENV", "EventSink", "cell_artifacts", "ro
 FAIL_ONCE_ENV = "DDSM_BENCH_FAIL_ONCE"
 # Uploaded with every trial's tracking run, where they exist (the checkpoint only on request).
 CELL_ARTIFACTS = ("config.yaml", "metrics.json", "per_class_iou.csv", "confusion.csv", "attempts.jsonl", "train.log",
-                  "error.txt")
+                  "evaluations.jsonl", "eval.log", "error.txt")
 
 
 def cell_artifacts(cell_dir: str | Path, *, checkpoint: bool = False) -> list[tuple[Path, str | None]]:
@@ -62,19 +62,27 @@ def run_trial(payload: TrialPayload, queue: Any | None, *, rank: int = 0, rerais
 
     cell_dir = Path(payload.cell_dir)
     cell_dir.mkdir(parents=True, exist_ok=True)
-    _redirect_output(cell_dir / ("train.log" if rank == 0 else f"train.rank{rank}.log"))
+    evaluating = payload.mode == "evaluate"
+    log = "eval" if evaluating else "train"
+    _redirect_output(cell_dir / (f"{log}.log" if rank == 0 else f"{log}.rank{rank}.log"))
     cfg = from_dict(payload.config).validate()
     device = _device_name(cfg.train.device)
     if rank == 0:
-        _append_json(cell_dir / "attempts.jsonl", {
+        _append_json(cell_dir / ("evaluations.jsonl" if evaluating else "attempts.jsonl"), {
             "attempt": payload.attempt, "time": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
-            "resumed": (cell_dir / "checkpoints" / "last.pt").is_file(), "device": device})
+            "resumed": (cell_dir / "checkpoints" / "last.pt").is_file(), "device": device,
+            "eval_hash": payload.eval_hash})
     sink = EventSink(queue, key=payload.key, attempt=payload.attempt) if queue is not None else None
     if sink is not None:
         sink.send("start", 0, {}, info={"device": device, "torch": torch.__version__, "host": socket.gethostname()})
     try:
         _maybe_fail_once(payload, rank=rank)
-        metrics = engine.train(cfg, out_dir=cell_dir, callbacks=[sink] if sink else [], resume=True)
+        if evaluating:
+            metrics = engine.reevaluate(cfg, out_dir=cell_dir)
+            if sink is not None:
+                sink.on_eval(cfg.train.steps, metrics)
+        else:
+            metrics = engine.train(cfg, out_dir=cell_dir, callbacks=[sink] if sink else [], resume=True)
     except BaseException as e:  # noqa: BLE001 - every failure is classified and reported to the driver
         record = {"failure_class": classify_failure(e), "error": f"{type(e).__name__}: {e}",
                   "traceback": traceback.format_exc(), "rank": rank}
@@ -84,7 +92,8 @@ def run_trial(payload: TrialPayload, queue: Any | None, *, rank: int = 0, rerais
         return _failed(record)
     final = scalar_metrics(metrics)
     if rank == 0:
-        write_json(cell_dir / RESULT_FILE, {"cell_hash": payload.cell_hash, "metrics": final})
+        write_json(cell_dir / RESULT_FILE, {"cell_hash": payload.cell_hash, "eval_hash": payload.eval_hash,
+                                            "metrics": final})
     return TrialOutcome(status="finished", metrics=final)
 
 
