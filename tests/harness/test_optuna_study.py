@@ -59,7 +59,8 @@ def test_best_spec_has_one_baseline_per_distinct_pareto_point(tmp_path: Path, ti
                                                   values=values))
     best = best_spec(spec, study)
     assert [b["name"] for b in best["baselines"]] == ["trial0", "trial1"]
-    assert best["baselines"][1]["overrides"] == {"train.lr": 0.02, "model.branches": "dual", "model.pooled_size": 4}
+    assert best["baselines"][1]["overrides"] == {"train.lr": 0.02, "model.branches": "dual", "model.pooled_size": 4,
+                                                 "data.val_split": "val"}  # tuned on minival, confirmed on val
     assert best["seeds"] == [0] and best["base"] == tiny_study()["base"]
 
 
