@@ -154,8 +154,8 @@ def cost_metrics(record: dict[str, Any]) -> dict[str, float]:
 def describe(settings: CostSettings, records: dict[str, dict[str, Any]]) -> str:
     """The protocol in one line, for the report's provenance (the parent's ``cost_phase`` tag)."""
     ok = [r for r in records.values() if "error" not in r]
-    devices = sorted({f"{r['device']} ({r['cpu_threads']} threads)" if r["device_type"] == "cpu" else r["device"]
-                      for r in ok})
+    devices = sorted({f"{r['device']} ({r['cpu_threads']} thread{'s' if r['cpu_threads'] != 1 else ''})"
+                      if r["device_type"] == "cpu" else r["device"] for r in ok})
     size = sorted({"x".join(map(str, r["size"])) for r in ok})
     failed = [v for v, r in records.items() if "error" in r]
     return (f"isolated cost phase: one profiling task per variant, alone on {', '.join(devices) or 'its device'}; "

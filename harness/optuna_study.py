@@ -147,6 +147,7 @@ def open_study(spec: TuneSpec, *, storage: Any, study_name: str, seed_offset: in
         raise ConfigError(f"study {study_name!r} in {redact(str(storage))} optimises {stored}, not "
                           f"{search.directions}: use another --out, search.storage or search.study_name")
     fingerprint = study.user_attrs.get("search_fingerprint")
+    split = study.user_attrs.get("objective_split", "val" if study.trials else None)  # before splits: val
     if fingerprint is None:
         study.set_user_attr("search_fingerprint", search.fingerprint())
         study.set_user_attr("objectives", search.metrics)
@@ -154,6 +155,11 @@ def open_study(spec: TuneSpec, *, storage: Any, study_name: str, seed_offset: in
     elif fingerprint != search.fingerprint():
         raise ConfigError(f"study {study_name!r} in {redact(str(storage))} was created with another search space "
                           "(params or objectives changed): use another --out, search.storage or search.study_name")
+    if split is not None and split != spec.objective_split:
+        raise ConfigError(f"study {study_name!r} in {redact(str(storage))} holds trials that validated on {split}, "
+                          f"this spec's trials validate on {spec.objective_split}: their objective values cannot be "
+                          "compared; use another --out, search.storage or search.study_name")
+    study.set_user_attr("objective_split", spec.objective_split)
     return study
 
 

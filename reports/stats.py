@@ -130,15 +130,19 @@ def min_detectable_difference(sd: float, n: int, *, alpha: float = ALPHA, power:
 
 def seeds_needed(delta: float, sd: float, *, alpha: float = ALPHA, power: float = POWER) -> int | None:
     """The fewest pairs (seeds) with which the test detects ``delta`` with probability ``power`` at spread ``sd``
-    (None: sd unknown, or more than :data:`MAX_SEEDS`)."""
+    (None: sd unknown, or more than :data:`MAX_SEEDS`). Power grows with n: doubling, then bisection."""
     if not sd > 0 or not np.isfinite(sd) or not delta > 0:
         return None
-    n = 2
-    while paired_power(delta, sd, n, alpha=alpha) < power:
-        if n >= MAX_SEEDS:
+    enough = lambda n: paired_power(delta, sd, n, alpha=alpha) >= power  # noqa: E731
+    low, high = 1, 2  # power(low) < target (one pair cannot be tested), power(high) unknown
+    while not enough(high):
+        if high >= MAX_SEEDS:
             return None
-        n = n * 2 if paired_power(delta, sd, 2 * n, alpha=alpha) < power else n + 1
-    return n
+        low, high = high, 2 * high
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if enough(mid) else (mid, high)
+    return high
 
 
 @dataclass(frozen=True)

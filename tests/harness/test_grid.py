@@ -69,7 +69,7 @@ def test_quickstart_smoke_end_to_end_then_rerun_skips_everything(ray_address: st
     # cost columns from the isolated cost phase: one profiling task per variant (5), provenance and IQR in the report
     assert len(list((out / "cost").glob("*.json"))) == 5 + 1  # + cost.json
     assert "Cost columns (latency, train step, memory) from: isolated cost phase" in report
-    latency = re.search(r"\| fpn \| .*\| ([\d.]+) \[([\d.]+)\u2013([\d.]+)\] \|", report)
+    latency = re.search(r"\| fpn \| .*\| \**([\d.]+)\** \[([\d.]+)\u2013([\d.]+)\] \|", report)  # bold if fastest
     assert latency and float(latency[2]) <= float(latency[1]) <= float(latency[3]), report
     assert "Accuracy metrics from: val" in report and "Statistical power vs fpn" in report
     fpn_row = next(line for line in report.splitlines() if line.startswith("| fpn | fpn |"))

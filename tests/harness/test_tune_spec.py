@@ -27,6 +27,11 @@ def test_shipped_specs_parse_with_their_intended_strategy(repo_root):
     assert city.search.multi and not city.search.pruning and city.search.sampler["type"] == "nsga2"
     assert city.search.directions == ["maximize", "minimize"]
     assert city.resources.num_workers == 8 and city.resources.gpus == 1
+    # every shipped study tunes on minival and reports val; the baselines get their own recipe tuning
+    fpn = load_tune_spec(repo_root / "ablations/tune_cityscapes_baselines.yaml", check_paths=False)
+    for spec in (load_tune_spec(repo_root / "ablations/tune_quickstart.yaml"), city, fpn):
+        assert (spec.objective_split, spec.search.confirm_split, spec.leaks) == ("minival", "val", False)
+    assert fpn.base_config.model.name == "fpn" and fpn.search.pruning
 
 
 def test_conditional_parameter_is_sampled_only_when_its_parent_allows(tiny_study):
