@@ -32,6 +32,7 @@ waiting for a retry) are marked KILLED, exit 130; nothing finished is lost.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections import deque
@@ -154,8 +155,6 @@ class GridPolicy(Policy):
 
     def _result(self, r: CellResult) -> dict[str, Any] | None:
         """The cell's ``result.json`` (metrics and the eval hash they were scored with), if an attempt finished."""
-        import json
-
         path = self.cell_dir(r.cell) / RESULT_FILE
         return json.loads(path.read_text()) if path.is_file() else None
 
@@ -264,8 +263,6 @@ def write_grid_json(path: Path, spec: GridSpec, cells: list[Cell]) -> None:
 
 def check_out_dir(out: Path) -> None:
     """Refuse an out dir written with another cell-hash scheme (its cells would all look new and retrain)."""
-    import json
-
     path = out / "grid.json"
     if not path.is_file():
         return

@@ -328,7 +328,7 @@ def run_study(spec: TuneSpec | str | Path, *, out_dir: str | Path, address: str 
 def study_split_tags(spec: TuneSpec) -> dict[str, Any]:
     """The parent run's provenance of splits: the objective split, the confirm split, a leak (with its warning)."""
     tags: dict[str, Any] = {Tag.OBJECTIVE_SPLIT: spec.objective_split, Tag.CONFIRM_SPLIT: spec.search.confirm_split,
-                            Tag.DESCRIPTION: spec.split_note()}
+                            Tag.DESCRIPTION: "; ".join(t for t in (spec.description, spec.split_note()) if t)}
     if spec.leaks:
         tags[Tag.SPLIT_LEAK] = spec.split_note()
     return tags
