@@ -278,6 +278,14 @@ def set_in(d: dict, keys: list[str], value: Any) -> None:
     d[keys[-1]] = value
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """``line 3, column 7: found character '\\t' that cannot start any token`` (where the parser stopped, and why)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+    what = what or str(e).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark is not None else what
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrialConfig:
     """Load a YAML trial config, apply ``key=value`` overrides, validate."""
     d: dict = {}
@@ -288,7 +296,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             d = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {yaml_problem(e)}") from None
     for item in overrides or []:
         keys, value = parse_override(item)
         set_in(d, keys, value)

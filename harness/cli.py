@@ -4,8 +4,9 @@ Each subcommand lives in its own module ``harness/cmd_<name>.py`` exposing ``reg
 they are imported explicitly (a broken command fails loudly instead of vanishing from ``--help``) and
 keep their heavy imports (torch, ray, mlflow, optuna) inside the handlers, so ``ddsm-bench --help``
 stays fast. Bad input (a :class:`ddsm.config.ConfigError`) exits 2 with one readable line, never a
-traceback; Ctrl-C outside a grid or study loop exits 130. No password of a URL reaches the terminal:
-error lines and the traceback of an unexpected error are redacted (:func:`harness.secrets.redact`).
+traceback; a tracking store lost while a grid or study is being opened exits 3; Ctrl-C outside a grid
+or study loop exits 130 (the codes: :mod:`harness.exit_codes`). No password of a URL reaches the
+terminal: error lines and the traceback of an unexpected error are redacted (:func:`harness.secrets.redact`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ import argparse
 import sys
 import traceback
 
+from harness.driver import TrackingLost
+
 from ddsm.config import ConfigError
+from harness import exit_codes
 from harness.secrets import redact
 from harness import cmd_evaluate, cmd_models, cmd_profile, cmd_report, cmd_run, cmd_train, cmd_tune
 
@@ -27,7 +31,7 @@ class UsageError(ConfigError):
 
 def add_cluster_args(p: argparse.ArgumentParser, *, what: str) -> None:
     """The options ``run`` and ``tune`` share: --out, --address, --tracking-uri, --artifact-location, --dashboard,
-    --max-concurrent.
+    --max-concurrent, --tracking-outage-s.
 
     ``what`` names the thing being run in the help ("grid", "study").
     """
@@ -47,6 +51,10 @@ def add_cluster_args(p: argparse.ArgumentParser, *, what: str) -> None:
     default = "search.concurrency, else what the cluster fits" if what == "study" else \
         "as many as the cluster's resources allow"
     p.add_argument("--max-concurrent", type=int, default=None, help=f"trials in flight at once (default: {default})")
+    p.add_argument("--tracking-outage-s", type=float, default=None, metavar="SECONDS",
+                   help="how long the tracking store may stay unreachable mid-run before the driver stops cleanly "
+                   "(exit 3; writes are buffered meanwhile and the trials go on; default: the spec's "
+                   "tracking_outage_s, 1800)")
 
 
 def check_positive(**options: int | None) -> None:
@@ -54,6 +62,13 @@ def check_positive(**options: int | None) -> None:
     for name, value in options.items():
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')}={value} is not allowed: expected an integer >= 1")
+
+
+def check_seconds(**options: float | None) -> None:
+    """Raise UsageError for a duration option given <= 0."""
+    for name, value in options.items():
+        if value is not None and not value > 0:
+            raise UsageError(f"--{name.replace('_', '-')}={value:g} is not allowed: expected seconds > 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,18 +85,39 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run the subcommand, map bad input to exit code 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = _sigterm_as_ctrl_c() if args.command in ("run", "tune") else None
     try:
         rc = args.func(args)
     except ConfigError as e:
         print(f"ddsm-bench {args.command}: error: {redact(str(e))}", file=sys.stderr)
-        return 2  # exit_codes.BAD_INPUT
+        return exit_codes.BAD_INPUT
+    except TrackingLost as e:
+        print(f"ddsm-bench {args.command}: stopped: {redact(str(e))}; re-run the same command once the store "
+              "is back", file=sys.stderr)
+        return exit_codes.TRACKING_LOST
     except KeyboardInterrupt:
         print(f"ddsm-bench {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return exit_codes.INTERRUPTED
     except Exception:  # noqa: BLE001 - a bug: the traceback, with any password a URL in it carried hidden
         print(redact(traceback.format_exc()), file=sys.stderr, end="")
-        return 1
+        return 1  # not a code of harness.exit_codes: a bug, reported with its traceback
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
     return int(rc or 0)
+
+
+def _sigterm_as_ctrl_c():  # noqa: ANN202 - the previous handler, or None
+    """Until the driver loop takes over, SIGTERM raises KeyboardInterrupt like Ctrl-C (a clean exit 130 from
+    anywhere in the preamble); return the handler to restore (None: nothing changed, not the main thread)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, lambda signum, frame: signal.default_int_handler(signum, frame))
 
 
 if __name__ == "__main__":

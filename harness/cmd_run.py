@@ -3,10 +3,13 @@
 Changing only ``eval.*`` or ``data.val_split`` and re-running scores every finished cell again from its
 final checkpoint (nothing is trained); ``--reevaluate`` forces that for every finished cell.
 
-Exit codes: 0 every cell finished, 1 some cells failed after their retries (the others completed),
-2 bad input or a service that does not answer (spec, data files, resources, storage, tracking store, Ray
-cluster; nothing was launched), 130 interrupted (Ctrl-C / SIGTERM: running cells are marked KILLED; re-run
-the same command to resume).
+Exit codes (harness/exit_codes.py): 0 every cell finished, 1 some cells failed after their retries
+(the others completed), 2 bad input or a service that does not answer at start (spec, data files, --out
+or --out held by another driver, resources, storage, tracking store, Ray cluster; nothing was launched),
+3 the tracking store stayed unreachable past --tracking-outage-s (finished cells are on disk, running
+ones checkpointed, buffered writes journaled), 4 the Ray cluster was lost, 130 interrupted (Ctrl-C /
+SIGTERM: running cells checkpoint and are marked KILLED). After 3, 4 and 130, re-run the same command:
+it records everything and resumes.
 """
 from __future__ import annotations
 
@@ -37,10 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Validate the spec, then dry-run or run the grid; return the exit code."""
-    from harness.cli import check_positive
+    from harness.cli import check_positive, check_seconds
     from harness.spec import load_spec
 
     check_positive(max_concurrent=args.max_concurrent)
+    check_seconds(tracking_outage_s=args.tracking_outage_s)
     spec = load_spec(args.spec, smoke=args.smoke, check_paths=args.address is None)
     if args.dry_run:
         dry_run(spec)
@@ -51,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     summary = run_grid(spec, out_dir=out, address=args.address, tracking_uri=args.tracking_uri,
                        max_concurrent=args.max_concurrent, log_checkpoints=args.log_checkpoints,
                        artifact_location=args.artifact_location, dashboard=args.dashboard,
-                       reevaluate=args.reevaluate)
+                       reevaluate=args.reevaluate, tracking_outage_s=args.tracking_outage_s)
     return summary.exit_code
 
 

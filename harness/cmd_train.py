@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     """Load the config (ConfigError -> exit 2), train with console + JSONL logging, print the metrics."""
     from ddsm.config import load_config
     from ddsm.engine import ConsoleLogger, JsonlLogger, classify_failure, train
+    from harness import exit_codes
 
     overrides = (smoke_overrides() if args.smoke else []) + list(args.overrides)
     cfg = load_config(args.config, overrides)
@@ -47,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
         metrics = train(cfg, out_dir=args.out, callbacks=callbacks, resume=args.resume)
     except (RuntimeError, MemoryError) as e:
         failure = classify_failure(e)
+        if failure == "killed":  # SIGTERM/SIGINT: the engine wrote a checkpoint after its current step
+            print(f"ddsm-bench train: {e}; re-run the same command to resume from "
+                  f"{args.out / 'checkpoints'}", file=sys.stderr)
+            return exit_codes.INTERRUPTED
         if failure not in ("nan", "oom"):
             raise
         print(f"ddsm-bench train: failed ({failure}): {e}; last good checkpoint: "

@@ -8,10 +8,12 @@ Trials validate on minival (held out of the train split) unless the spec sets da
 exported best.yaml reports search.confirm_split (val). Tuning on the split that is reported exits 2
 unless --tune-on-confirm-split is given (then it is printed as a warning and recorded).
 
-Exit codes: 0 the budget is reached and at least one trial completed, 1 no trial completed, 2 bad
-input or a service that does not answer (spec, search space, resources, storage, tracking store, Ray
-cluster; nothing was launched), 130 interrupted (Ctrl-C /
-SIGTERM: finished trials are kept, running ones are marked FAIL and re-queued; re-run to resume).
+Exit codes (harness/exit_codes.py): 0 the budget is reached and at least one trial completed, 1 no
+trial completed, 2 bad input or a service that does not answer at start (spec, search space, --out or
+--out held by another driver, resources, storage, tracking store, Ray cluster; nothing was launched),
+3 the tracking store stayed unreachable past --tracking-outage-s, 4 the Ray cluster was lost, 130
+interrupted (Ctrl-C / SIGTERM: finished trials are kept, running ones checkpoint, are marked FAIL and
+re-queued). After 3, 4 and 130, re-run to resume.
 """
 from __future__ import annotations
 
@@ -42,10 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def tune(args: argparse.Namespace) -> int:
     """Validate the spec and the options, run (or continue) the study; return the exit code."""
-    from harness.cli import check_positive
+    from harness.cli import check_positive, check_seconds
     from harness.tune_spec import load_tune_spec
 
     check_positive(max_concurrent=args.max_concurrent, n_trials=args.n_trials)
+    check_seconds(tracking_outage_s=args.tracking_outage_s)
     spec = load_tune_spec(args.spec, smoke=args.smoke, check_paths=args.address is None,
                           allow_leak=args.tune_on_confirm_split)
     from harness.study import run_study
@@ -53,5 +56,6 @@ def tune(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / spec.name
     summary = run_study(spec, out_dir=out, address=args.address, tracking_uri=args.tracking_uri,
                         max_concurrent=args.max_concurrent, n_trials=args.n_trials,
-                        artifact_location=args.artifact_location, dashboard=args.dashboard)
+                        artifact_location=args.artifact_location, dashboard=args.dashboard,
+                        tracking_outage_s=args.tracking_outage_s)
     return summary.exit_code

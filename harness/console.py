@@ -23,8 +23,8 @@ from rich.table import Table
 from ddsm.metrics.catalogue import bf_metrics, lookup
 from harness.secrets import redact
 
-__all__ = ["ProgressBoard", "StudyLog", "comparison_rows", "print_dry_run", "print_grid_summary",
-           "print_study_summary", "stdout_console", "summary_metric_keys"]
+__all__ = ["ProgressBoard", "StudyLog", "comparison_rows", "line_printer", "print_dry_run", "print_grid_summary",
+           "print_study_summary", "stdout_console", "stop_lines", "summary_metric_keys"]
 
 _STYLE = {"finished": "green", "skipped": "green", "running": "cyan", "evaluating": "cyan", "retrying": "yellow",
           "failed": "red", "killed": "red", "pending": "dim"}
@@ -36,6 +36,34 @@ _TAIL = ("biou", "gflops", "params_m", "latency_ms")
 def stdout_console(console: Console | None = None) -> Console:
     """``console``, else one on stdout that does not squeeze tables in logs (width 200 off a terminal)."""
     return console or Console(width=None if sys.stdout.isatty() else 200)
+
+
+def line_printer(console: Console | None = None) -> Any:
+    """A function printing one plain line (a notice: outage, takeover, rebuilt cells) to ``console`` or stderr."""
+    target = console or Console(stderr=True)
+
+    def say(text: str) -> None:
+        target.print(text, highlight=False, markup=False, soft_wrap=True)
+
+    return say
+
+
+def stop_lines(summary: Any) -> list[str]:
+    """What to tell the user when a grid or study stopped early (nothing when it ran to its end)."""
+    if not summary.interrupted:
+        return []
+    out = str(summary.out_dir)
+    journal = (f"; {summary.journaled} tracking write(s) kept in {out}/tracking-journal.json, written by the "
+               "re-run" if summary.journaled else "")
+    if summary.stop_reason == "tracking":
+        return [f"stopped: {summary.stop_message}", "finished cells are safe in their result.json and running ones "
+                f"in their checkpoints{journal}; re-run the same command once the store is back: it records "
+                "everything and resumes"]
+    if summary.stop_reason == "cluster":
+        return [f"stopped: {summary.stop_message}", "running cells were marked KILLED and resume from their "
+                f"checkpoints{journal}; re-run the same command once the cluster is back"]
+    return [f"interrupted: running cells were checkpointed and marked KILLED{journal}; re-run the same command "
+            "to resume"]
 
 
 def browse_line(tracking_uri: str, experiment_id: str | None = None) -> str:
@@ -171,6 +199,8 @@ def print_grid_summary(summary: Any, *, console: Console | None = None) -> None:
     n_done = sum(r.done for r in summary.results)
     state = "interrupted" if summary.interrupted else "done"
     out.print(f"{state}: {n_done}/{len(summary.results)} cells finished; results in {summary.out_dir}", highlight=False)
+    for line in stop_lines(summary):
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
     out.print(f"browse: {browse_line(summary.tracking_uri, summary.experiment_id)}", highlight=False, markup=False,
               soft_wrap=True)
 
@@ -247,6 +277,8 @@ def print_study_summary(summary: Any, best: list[dict[str, Any]], console: Conso
     state = "interrupted" if summary.interrupted else "done"
     console.print(f"{state}: study {summary.study_name}: {summary.finished}/{summary.budget} trials ({states})",
                   highlight=False, soft_wrap=True)
+    for line in stop_lines(summary):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
     for entry in best:
         values = ", ".join(f"{m} {v:.4f}" for m, v in entry["values"].items())
         console.print(f"best trial {entry['number']}: {values}  {format_params(entry['params'])}", highlight=False,

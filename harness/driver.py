@@ -7,12 +7,17 @@ pruning), and tells the policy each attempt's :class:`TrialOutcome`. The policy 
 :class:`Recorder` (MLflow in :mod:`harness.mlflow_io`) and decides retries, requeues and budgets:
 :class:`harness.grid.GridPolicy`, :class:`harness.study.StudyPolicy`.
 
-Interruption has one path. SIGINT/SIGTERM set a :class:`StopFlag` (:func:`stop_on_signals`); the
-loop checks it between steps, so no bookkeeping is ever cut in half, and then: the last events are
-delivered, every attempt in flight that finished (its outcome came back, or its ``result.json`` is
-on disk) is recorded as finished, the others are cancelled and handed to
-:meth:`Policy.on_interrupted`, and :meth:`Policy.on_stop` closes what is open but not running. A
-second signal raises KeyboardInterrupt to abort a loop that is stuck; the same path then runs with
+Interruption has one path, whatever stops the loop: SIGINT/SIGTERM (:func:`stop_on_signals`), the
+tracking store gone past its outage limit (:meth:`Recorder.problem`, or :class:`TrackingLost` from a
+read), or the cluster lost (:meth:`Launcher.lost`). Each sets the :class:`StopFlag` with its
+``reason`` (``signal``, ``tracking``, ``cluster``: the caller maps it to an exit code); the loop
+checks it between steps, so no bookkeeping is ever cut in half, and then: the last events are
+delivered; the attempts still running are asked to stop (:meth:`Launcher.stop`: a trial finishes
+its current step, writes a checkpoint and sends its ``end`` event) and given up to ``grace_s`` to
+do so; every attempt that finished (its outcome came back, or its ``result.json`` is on disk) is
+recorded as finished, the others are cancelled and handed to :meth:`Policy.on_interrupted`, and
+:meth:`Policy.on_stop` closes what is open but not running. A second signal raises
+KeyboardInterrupt to abort a loop that is stuck; the same path then runs, without the grace, with
 whatever is left.
 
 Also here: the types that cross the driver/worker boundary (:class:`TrialPayload` in,
@@ -24,16 +29,19 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["Event", "Job", "Launcher", "Policy", "Recorder", "StopFlag", "TrialOutcome", "TrialPayload", "drive",
-           "read_result", "stop_on_signals", "write_json"]
+__all__ = ["Event", "Job", "Launcher", "Policy", "Recorder", "StopFlag", "TrackingLost", "TrialOutcome", "TrialPayload",
+           "append_jsonl", "drive", "read_result", "stop_on_signals", "write_json"]
 
 POLL_S = 0.5  # longest wait for a trial to finish before events are delivered and the flag checked
+GRACE_S = 30.0  # how long trials asked to stop get to write their checkpoint
+LOST_GRACE_S = 10.0  # the same on a lost cluster (Ray ends a driver whose head is gone after 60 s)
 RESULT_FILE = "result.json"
 
 
@@ -61,11 +69,12 @@ class Event:
 
     key: str
     attempt: int
-    kind: str  # start | train | eval | checkpoint
+    kind: str  # start | resume | train | eval | checkpoint | end
     step: int
     metrics: dict[str, float] = field(default_factory=dict)
     time: float = 0.0
-    info: dict[str, str] = field(default_factory=dict)  # start: device, torch, host
+    info: dict[str, str] = field(default_factory=dict)  # start: device, torch, host, node_id; resume: path,
+    #                                                     damaged; end: status, failure_class
 
 
 @dataclass(frozen=True)
@@ -74,7 +83,7 @@ class TrialOutcome:
 
     status: str  # finished | failed
     metrics: dict[str, float] = field(default_factory=dict)
-    failure_class: str = ""  # a class of ddsm.engine.failures.FAILURE_CLASSES (failed only)
+    failure_class: str = ""  # one of ddsm.engine.failures.FAILURE_CLASSES (failed only)
     error: str = ""  # one line
     traceback: str = ""
 
@@ -89,6 +98,13 @@ def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     tmp.replace(path)
+
+
+def append_jsonl(path: Path, obj: Any) -> None:
+    """Append ``obj`` as one JSON line to ``path`` (``attempts.jsonl``, ``outcomes.jsonl``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(obj) + "\n")
 
 
 def read_result(cell_dir: str | Path, *, eval_hash: str | None = None) -> dict[str, float] | None:
@@ -143,7 +159,13 @@ class Launcher(Protocol):
         """How an ended attempt ended (a launcher-level failure becomes a failed outcome)."""
 
     def cancel(self, handle: Any) -> None:
-        """Stop an attempt (its outcome is never asked for)."""
+        """Stop an attempt now (its outcome is never asked for)."""
+
+    def stop(self, handle: Any) -> None:
+        """Ask an attempt to stop after its current step and a checkpoint; it then sends its ``end`` event."""
+
+    def lost(self) -> str | None:
+        """Why the cluster is gone (head node, or the driver's connection), else None."""
 
     def close(self) -> None:
         """Release what the launcher holds (event queue)."""
@@ -185,6 +207,13 @@ class Recorder(Protocol):
     def final_metrics(self, run_id: str) -> dict[str, float]:
         """The latest value of every metric of a run."""
 
+    def problem(self) -> str | None:
+        """Why tracking cannot go on (the store stayed away past its limit, or is damaged), else None."""
+
+
+class TrackingLost(RuntimeError):
+    """Raised by a Recorder read when the store cannot be used any more (the driver stops cleanly)."""
+
 
 class Policy:
     """What a grid or a study decides; :func:`drive` calls these, in the loop's order."""
@@ -224,18 +253,30 @@ class Console(Protocol):
 
 
 class StopFlag:
-    """Set by the first SIGINT/SIGTERM (or by :meth:`set`); the driver loop checks it between steps."""
+    """Set by the first SIGINT/SIGTERM (or by :meth:`set`, :meth:`lost`); the driver loop checks it between steps.
+
+    ``reason``: ``signal`` (also a stop asked from code), ``tracking`` or ``cluster``; ``message`` says
+    what was lost. The first reason is kept.
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.reason: str | None = None
+        self.message = ""
 
     def set(self, signum: int = signal.SIGINT) -> None:
         """Ask the loop to stop (keeps the first signal number)."""
         if self.signum is None:
             self.signum = signum
+        self.reason = self.reason or "signal"
+
+    def lost(self, reason: str, message: str) -> None:
+        """Stop because ``reason`` (``tracking`` or ``cluster``) is gone."""
+        if self.reason is None:
+            self.reason, self.message = reason, message
 
     def __bool__(self) -> bool:
-        return self.signum is not None
+        return self.reason is not None
 
 
 @contextmanager
@@ -271,15 +312,18 @@ class _Flight:
 
 
 def drive(policy: Policy, launcher: Launcher, recorder: Recorder, console: Console, *, limit: int,
-          stop: StopFlag) -> bool:
-    """Run the policy's jobs, at most ``limit`` at once, until it has none left; True when interrupted.
+          stop: StopFlag, grace_s: float = GRACE_S) -> bool:
+    """Run the policy's jobs, at most ``limit`` at once, until it has none left; True when interrupted
+    (``stop.reason`` says why).
 
     First :meth:`Policy.start`; then, step by step: launch while there is room, wait (at most
     :data:`POLL_S`) for attempts to end, deliver events (the policy may stop an attempt), record the
-    outcomes of those that ended, flush the recorder, redraw. When ``stop`` is raised, the interrupt
-    path of the module docstring runs.
+    outcomes of those that ended, flush the recorder, check the store and the cluster, redraw. When
+    ``stop`` is raised, the interrupt path of the module docstring runs (``grace_s``: how long running
+    attempts get to checkpoint).
     """
     flight: dict[str, _Flight] = {}  # job key -> in flight
+    aborted = False
     try:
         policy.start()
         console.refresh()
@@ -289,6 +333,7 @@ def drive(policy: Policy, launcher: Launcher, recorder: Recorder, console: Conso
                 if job is None:
                     break
                 flight[job.key] = _Flight(launcher.submit(job.payload), job)
+            _check(recorder, launcher, stop)
             if not flight or stop:
                 break
             by_handle = {f.handle: key for key, f in flight.items()}
@@ -304,28 +349,50 @@ def drive(policy: Policy, launcher: Launcher, recorder: Recorder, console: Conso
             console.refresh()
     except KeyboardInterrupt:  # the second Ctrl-C while a step was busy: clean up what we can, now
         stop.set()
+        aborted = True
+    except TrackingLost as e:  # a read found the store gone
+        stop.lost("tracking", str(e))
     if stop:
-        _interrupt(policy, launcher, flight)
+        grace = 0.0 if aborted else min(grace_s, LOST_GRACE_S) if stop.reason == "cluster" else grace_s
+        _interrupt(policy, launcher, flight, grace_s=grace)
     console.refresh()
     return bool(stop)
 
 
-def _deliver(policy: Policy, launcher: Launcher, flight: dict[str, _Flight], *, final: set[str]) -> None:
-    """Hand each event of an attempt in flight to the policy; cancel the attempts it stops."""
+def _check(recorder: Recorder, launcher: Launcher, stop: StopFlag) -> None:
+    """Raise the flag when the tracking store or the cluster is gone."""
+    problem = recorder.problem()
+    if problem:
+        stop.lost("tracking", problem)
+    lost = launcher.lost()
+    if lost:
+        stop.lost("cluster", lost)
+
+
+def _deliver(policy: Policy, launcher: Launcher, flight: dict[str, _Flight], *, final: set[str]) -> set[str]:
+    """Hand each event of an attempt in flight to the policy; cancel the attempts it stops. Returns the keys
+    whose ``end`` event arrived."""
+    ended = set()
     for event in launcher.events():
         f = flight.get(event.key)
         if f is None or f.job.attempt != event.attempt:
             continue  # a late event of an attempt that already ended
+        if event.kind == "end":
+            ended.add(event.key)
         if policy.on_event(f.job, event, final=event.key in final) and event.key not in final:
             launcher.cancel(f.handle)
             del flight[event.key]
+    return ended
 
 
-def _interrupt(policy: Policy, launcher: Launcher, flight: dict[str, _Flight]) -> None:
-    """Record what finished, cancel the rest (see the module docstring). Launcher calls are best effort:
-    on Ctrl-C in a terminal the Ray processes got the signal too and may already be gone."""
+def _interrupt(policy: Policy, launcher: Launcher, flight: dict[str, _Flight], *, grace_s: float) -> None:
+    """Let running attempts checkpoint, record what finished, cancel the rest (see the module docstring).
+    Launcher calls are best effort: on Ctrl-C in a terminal the Ray processes got the signal too, and on a
+    lost cluster they may be gone."""
     with _best_effort():
         _deliver(policy, launcher, flight, final=set(flight))
+    if grace_s > 0:
+        _let_checkpoint(policy, launcher, flight, grace_s=grace_s)
     for key, f in list(flight.items()):
         outcome = None
         with _best_effort():
@@ -342,6 +409,26 @@ def _interrupt(policy: Policy, launcher: Launcher, flight: dict[str, _Flight]) -
             policy.on_interrupted(f.job)
         del flight[key]
     policy.on_stop()
+
+
+def _let_checkpoint(policy: Policy, launcher: Launcher, flight: dict[str, _Flight], *, grace_s: float) -> None:
+    """Ask every attempt still running to stop after a checkpoint; wait up to ``grace_s`` for their ``end``.
+    A second Ctrl-C meanwhile ends the waiting (the rest of the interrupt path still runs)."""
+    try:
+        asked = set()
+        for key, f in flight.items():
+            with _best_effort():
+                if not launcher.done(f.handle):
+                    launcher.stop(f.handle)
+                    asked.add(key)
+        deadline = time.monotonic() + grace_s
+        while asked and time.monotonic() < deadline:
+            with _best_effort():
+                asked -= _deliver(policy, launcher, flight, final=set(flight))
+            if asked:
+                time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+    except KeyboardInterrupt:
+        return
 
 
 @contextmanager

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -46,12 +47,13 @@ from ddsm.engine.failures import NEVER_RETRIED
 from ddsm.metrics.catalogue import diagnostic, is_accuracy
 from harness import console as view
 from harness.cells import HASH_VERSION, Cell, eval_fields, expand, grid_hash, train_params
-from harness.driver import RESULT_FILE, Event, Job, Policy, Recorder, TrialOutcome, TrialPayload, write_json
+from harness.driver import (RESULT_FILE, Event, Job, Policy, Recorder, TrialOutcome, TrialPayload, append_jsonl,
+                            write_json)
 from harness.mlflow_io import Tag, record_event, write_report_from_mlflow
-from harness.session import (cluster, default_concurrency, git_sha, open_recorder, preflight, print_where_to_look,
-                             run_policy)
+from harness.session import (claim_out, close_recorder, cluster, default_concurrency, git_sha, open_recorder,
+                             preflight, print_where_to_look, run_policy, stop_exit_code)
 from harness.spec import GridSpec, load_spec
-from harness.worker import FAIL_ONCE_ENV, cell_artifacts
+from harness.worker import FAIL_ONCE_ENV, OUTCOMES_FILE, cell_artifacts
 
 __all__ = ["CellResult", "GridPolicy", "GridSummary", "run_grid", "write_grid_json"]
 
@@ -64,7 +66,8 @@ class CellResult:
     status: str = "pending"  # pending | running | evaluating | retrying | finished | skipped | failed | killed
     metrics: dict[str, float] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)  # failure class of every failed attempt
-    attempts: int = 0  # training launches in this invocation
+    attempts: int = 0  # training launches in this invocation (the retry budget)
+    earlier: int = 0  # training launches by earlier invocations (its attempts.jsonl)
     mode: str = "train"  # what its next launch does: train | evaluate (trained already, scored another way)
     evaluations: int = 0  # evaluate-only launches in this invocation
     run_id: str | None = None
@@ -73,11 +76,17 @@ class CellResult:
     started: float | None = None
     elapsed: float = 0.0
     device: str = ""
+    node_id: str = ""  # where the latest attempt runs
 
     @property
     def done(self) -> bool:
         """Finished now or before."""
         return self.status in ("finished", "skipped")
+
+    @property
+    def launches(self) -> int:
+        """Launches of the cell over every invocation (the ``attempts`` tag)."""
+        return self.earlier + self.attempts
 
 
 @dataclass
@@ -92,13 +101,15 @@ class GridSummary:
     results: list[CellResult]
     interrupted: bool = False
     cost: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant -> isolated cost record (harness.cost)
+    stop_reason: str | None = None  # signal | tracking | cluster (see harness.driver.StopFlag)
+    stop_message: str = ""
+    journaled: int = 0  # tracking writes left in <out>/tracking-journal.json for the next run
 
     @property
     def exit_code(self) -> int:
-        """130 interrupted, 1 some cell failed after retries, 0 every cell finished."""
-        if self.interrupted:
-            return 130
-        return 0 if all(r.done for r in self.results) else 1
+        """:mod:`harness.exit_codes`: 3 tracking store lost, 4 cluster lost, 130 interrupted, 1 some cell failed
+        after its retries, 0 every cell finished."""
+        return stop_exit_code(self, ok=all(r.done for r in self.results))
 
 
 class GridPolicy(Policy):
@@ -120,6 +131,7 @@ class GridPolicy(Policy):
         self.log_checkpoints, self.fail_once, self.reevaluate = log_checkpoints, fail_once, reevaluate
         self.results = [CellResult(cell=c) for c in cells]
         self.pending: deque[CellResult] = deque()
+        self.notes: list[str] = []  # lines for the user about what start() found
 
     def cell_dir(self, cell: Cell) -> Path:
         """``<out>/cells/<hash>``."""
@@ -129,7 +141,9 @@ class GridPolicy(Policy):
         """Mark cells finished in MLflow (same eval hash) as skipped; record finished-but-unrecorded ones; plan an
         evaluate-only attempt for cells trained already but scored another way; reuse other runs."""
         runs = self.recorder.cell_runs()
+        rebuilt = 0
         for r in self.results:
+            r.earlier = _launches(self.cell_dir(r.cell))
             found = runs.get(r.cell.hash)
             trained = self._trained(r)
             if found and found.status == "FINISHED":
@@ -147,8 +161,12 @@ class GridPolicy(Policy):
             if record.get("eval_hash") == r.cell.eval_hash and not self.reevaluate:
                 self._open_run(r)  # trained to the end, but the driver died before recording it
                 self._finish(r, record["metrics"])
+                rebuilt += 1
             elif trained:
                 r.mode = "evaluate"
+        if rebuilt:
+            self.notes.append(f"recorded {rebuilt} finished cell(s) from their result.json: the tracking store "
+                              "did not have them (a driver stopped before recording them, or a new store)")
         self.pending.extend(r for r in self.results if r.status == "pending")
 
     def _trained(self, r: CellResult) -> bool:
@@ -167,7 +185,8 @@ class GridPolicy(Policy):
         r = self.pending.popleft()
         evaluating = r.mode == "evaluate"
         status = "evaluating" if evaluating else "running"
-        tags = {Tag.STATUS: status} if evaluating else {Tag.ATTEMPTS: r.attempts + 1, Tag.STATUS: status}
+        # training launches are counted over every invocation; an evaluate-only launch keeps that count
+        tags = {Tag.STATUS: status} if evaluating else {Tag.ATTEMPTS: r.launches + 1, Tag.STATUS: status}
         if r.run_id is None or (r.attempts == 0 and r.evaluations == 0):
             self._open_run(r, tags)
         else:
@@ -176,9 +195,9 @@ class GridPolicy(Policy):
             r.evaluations += 1
         else:
             r.attempts += 1
-        r.status, r.started, r.step = status, time.time(), 0
+        r.status, r.started, r.step, r.node_id = status, time.time(), 0, ""
         payload = TrialPayload(key=r.cell.hash, cell_hash=r.cell.hash, name=r.cell.name, config=to_dict(r.cell.config),
-                               cell_dir=str(self.cell_dir(r.cell)), attempt=r.evaluations if evaluating else r.attempts,
+                               cell_dir=str(self.cell_dir(r.cell)), attempt=r.evaluations if evaluating else r.launches,
                                fail_once=self.fail_once, mode=r.mode, eval_hash=r.cell.eval_hash)
         return Job(payload=payload, owner=r)
 
@@ -187,7 +206,7 @@ class GridPolicy(Policy):
         r: CellResult = job.owner
         r.step = max(r.step, event.step)
         if event.kind == "start":
-            r.device = event.info.get("device", "")
+            r.device, r.node_id = event.info.get("device", ""), event.info.get("node_id", "")
         elif event.kind == "eval" and "miou" in event.metrics:
             r.last_miou = event.metrics["miou"]
         record_event(self.recorder, r.run_id, event)
@@ -197,6 +216,7 @@ class GridPolicy(Policy):
         """Record a finished attempt, or its failure; queue a retry when the class allows one."""
         r: CellResult = job.owner
         r.elapsed += time.time() - (r.started or time.time())
+        self._outcome_line(r, job, outcome.status, outcome.failure_class, outcome.error)
         if outcome.finished:
             self._finish(r, outcome.metrics)
             return
@@ -218,6 +238,7 @@ class GridPolicy(Policy):
         """Mark the cell's run KILLED (re-running the grid resumes it from its checkpoint)."""
         r: CellResult = job.owner
         r.elapsed += time.time() - (r.started or time.time())
+        self._outcome_line(r, job, "interrupted", "killed", "the driver stopped (re-run to resume)")
         self._kill(r)
 
     def on_stop(self) -> None:
@@ -225,6 +246,13 @@ class GridPolicy(Policy):
         for r in self.pending:
             if r.status == "retrying":
                 self._kill(r)
+
+    def _outcome_line(self, r: CellResult, job: Job, status: str, failure_class: str, error: str) -> None:
+        """One line in the cell's outcomes.jsonl: how this attempt ended, and on which node."""
+        node = r.node_id or _node_in(error)
+        append_jsonl(self.cell_dir(r.cell) / OUTCOMES_FILE, {
+            "attempt": job.attempt, "time": time.time(), "status": status, "failure_class": failure_class,
+            "node_id": node, "error": error[:500]})
 
     def _kill(self, r: CellResult) -> None:
         r.status = "killed"
@@ -250,12 +278,24 @@ class GridPolicy(Policy):
         tags = {Tag.STATUS: "finished", Tag.FAILURE_CLASS: "none", Tag.ELAPSED_S: round(r.elapsed, 1),
                 Tag.EVAL_HASH: r.cell.eval_hash, Tag.EVAL_METRICS: sorted(k for k in metrics if is_accuracy(k)),
                 **eval_fields(r.cell.config)}
-        if r.attempts or r.failures:  # an evaluate-only launch keeps what the training recorded
-            tags.update({Tag.FAILURES: ",".join(r.failures), Tag.ATTEMPTS: r.attempts})
+        if r.mode != "evaluate" or r.failures:  # an evaluate-only launch keeps what the training recorded
+            tags.update({Tag.FAILURES: ",".join(r.failures), Tag.ATTEMPTS: r.launches})
         self.recorder.end_run(r.run_id, status="FINISHED", artifacts=self._artifacts(r), tags=tags)
 
     def _artifacts(self, r: CellResult) -> list[tuple[Path, str | None]]:
         return cell_artifacts(self.cell_dir(r.cell), checkpoint=self.log_checkpoints)
+
+
+def _launches(cell_dir: Path) -> int:
+    """Launches recorded in a cell's attempts.jsonl (one line per launch, every invocation)."""
+    path = cell_dir / "attempts.jsonl"
+    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
+
+
+def _node_in(error: str) -> str:
+    """The node id a Ray error message names ("... node <id>)"), else ""."""
+    m = re.search(r"node (?:ID: )?([0-9a-f]{16,})", error)
+    return m.group(1) if m else ""
 
 
 def write_grid_json(path: Path, spec: GridSpec, cells: list[Cell]) -> None:
@@ -284,14 +324,15 @@ def check_out_dir(out: Path) -> None:
 
 def run_grid(spec: GridSpec | str | Path, *, out_dir: str | Path, address: str | None = None,
              tracking_uri: str | None = None, max_concurrent: int | None = None, smoke: bool = False,
-             log_checkpoints: bool = False, reevaluate: bool = False, artifact_location: str | None = None,
-             dashboard: bool = False, console: Any = None, measure_cost: Any = None,
-             train_fn: Callable[..., dict] | None = None, fresh_workers: bool = True) -> GridSummary:
+             log_checkpoints: bool = False, reevaluate: bool = False, tracking_outage_s: float | None = None,
+             artifact_location: str | None = None, dashboard: bool = False, console: Any = None,
+             measure_cost: Any = None, train_fn: Callable[..., dict] | None = None,
+             fresh_workers: bool = True) -> GridSummary:
     """Run every cell of a grid on Ray, tracked in MLflow, resuming an earlier run in ``out_dir``.
 
     Args:
         spec: a GridSpec (its mode as loaded) or the path of a spec file.
-        out_dir: where cells, checkpoints and (by default) the MLflow store live.
+        out_dir: where cells, checkpoints and (by default) the MLflow store live; locked while the grid runs.
         address: a Ray cluster to join (None: start a local instance, or reuse an initialised one); with
             an address, dataset folders are not checked here (they must exist on the workers).
         tracking_uri: MLflow tracking URI (None: ``sqlite:///<out>/mlflow.db``).
@@ -300,6 +341,8 @@ def run_grid(spec: GridSpec | str | Path, *, out_dir: str | Path, address: str |
         log_checkpoints: also upload each cell's last checkpoint as an MLflow artifact.
         reevaluate: score every finished cell again from its final checkpoint (``--reevaluate``); cells whose
             eval hash changed are re-evaluated anyway.
+        tracking_outage_s: how long the tracking store may stay unreachable before the driver stops
+            (None: the spec's ``tracking_outage_s``).
         artifact_location: where a new experiment keeps its artifacts (default ``<out>/mlartifacts``, or
             the server's default for an http(s) tracking URI).
         dashboard: start the Ray dashboard with a local instance (its URL is printed).
@@ -310,8 +353,10 @@ def run_grid(spec: GridSpec | str | Path, *, out_dir: str | Path, address: str |
             inside each trial (default the engine) and whether each trial gets a fresh worker process.
 
     Raises:
-        ConfigError: bad spec, unreachable tracking store or cluster, unschedulable resources, unshared
-            storage, or an out dir of another hash version; nothing was launched.
+        ConfigError: bad spec, ``--out`` (or held by another driver, or written with another hash version),
+            unreachable tracking store or cluster, unschedulable resources or unshared storage; nothing was
+            launched.
+        TrackingLost: the tracking store went away while the grid was being opened.
     """
     if isinstance(spec, (str, Path)):
         spec = load_spec(spec)
@@ -320,42 +365,52 @@ def run_grid(spec: GridSpec | str | Path, *, out_dir: str | Path, address: str |
     res = spec.trial_resources
     out_path = Path(out_dir).resolve()
     check_out_dir(out_path)
+    say = view.line_printer(console)
     preflight(tracking_uri=tracking_uri, out=out_path)
-    with cluster(address=address, resources=res, out=out_path, dashboard=dashboard) as connection:
-        recorder = open_recorder(tracking_uri=tracking_uri, out=out_path, experiment=spec.experiment,
+    with claim_out(out_path, command=f"ddsm-bench run {spec.source}", say=say), \
+            cluster(address=address, resources=res, out=out_path, dashboard=dashboard) as connection:
+        recorder = open_recorder(tracking_uri=tracking_uri, out=out_path, experiment=spec.experiment, say=say,
+                                 outage_s=spec.tracking_outage_s if tracking_outage_s is None else tracking_outage_s,
                                  artifact_location=artifact_location)
         print_where_to_look(recorder, connection, console=view.stdout_console(console),
                             artifact_location=artifact_location)
-        write_grid_json(out_path / "grid.json", spec, cells)
-        sha = git_sha()
-        parent = recorder.start_parent(
-            key=grid_hash([c.hash for c in cells]), name=spec.name,
-            tags={Tag.SPEC: spec.source, Tag.GIT_SHA: sha, Tag.SMOKE: spec.mode.smoke, Tag.BASELINE: spec.baseline,
-                  Tag.DESCRIPTION: spec.description},
-            params={"cells": len(cells), "seeds": spec.seeds, "max_failures": spec.max_failures,
-                    "retry_on": spec.retry_on, **{f"resources.{k}": v for k, v in dataclasses.asdict(res).items()}})
-        policy = GridPolicy(spec=spec, cells=cells, out=out_path, recorder=recorder, parent=parent, sha=sha,
-                            log_checkpoints=log_checkpoints, fail_once=os.environ.get(FAIL_ONCE_ENV),
-                            reevaluate=reevaluate)
-        with view.ProgressBoard(policy.results, console=console) as board:
-            interrupted = run_policy(policy, resources=res, recorder=recorder, console=board,
-                                     limit=max_concurrent or default_concurrency(res), train_fn=train_fn,
-                                     fresh_workers=fresh_workers)
+        stop = None
         cost: dict[str, dict[str, Any]] = {}
-        if not interrupted and spec.cost.enabled:
-            try:
-                cost = _cost_phase(spec, policy, recorder=recorder, parent=parent, measure=measure_cost,
-                                   console=console)
-            except KeyboardInterrupt:
-                interrupted = True
-        recorder.log_artifact(parent, out_path / "grid.json")  # lets the report show cells never run
-        recorder.end_run(parent, status="KILLED" if interrupted else
-                         ("FINISHED" if all(r.done for r in policy.results) else "FAILED"))
+        try:
+            write_grid_json(out_path / "grid.json", spec, cells)
+            sha = git_sha()
+            parent = recorder.start_parent(
+                key=grid_hash([c.hash for c in cells]), name=spec.name,
+                tags={Tag.SPEC: spec.source, Tag.GIT_SHA: sha, Tag.SMOKE: spec.mode.smoke,
+                      Tag.BASELINE: spec.baseline, Tag.DESCRIPTION: spec.description},
+                params={"cells": len(cells), "seeds": spec.seeds, "max_failures": spec.max_failures,
+                        "retry_on": spec.retry_on, **{f"resources.{k}": v for k, v in dataclasses.asdict(res).items()}})
+            policy = GridPolicy(spec=spec, cells=cells, out=out_path, recorder=recorder, parent=parent, sha=sha,
+                                log_checkpoints=log_checkpoints, fail_once=os.environ.get(FAIL_ONCE_ENV),
+                                reevaluate=reevaluate)
+            with view.ProgressBoard(policy.results, console=console) as board:
+                stop = run_policy(policy, resources=res, recorder=recorder, console=board,
+                                  limit=max_concurrent or default_concurrency(res), train_fn=train_fn,
+                                  fresh_workers=fresh_workers)
+            for note in policy.notes:
+                say(note)
+            if not stop and spec.cost.enabled:
+                try:
+                    cost = _cost_phase(spec, policy, recorder=recorder, parent=parent, measure=measure_cost,
+                                       console=console)
+                except KeyboardInterrupt:
+                    stop.set()
+            recorder.log_artifact(parent, out_path / "grid.json")  # lets the report show cells never run
+            recorder.end_run(parent, status="KILLED" if stop else
+                             ("FINISHED" if all(r.done for r in policy.results) else "FAILED"))
+        finally:
+            journaled = close_recorder(recorder, stop)
         summary = GridSummary(spec=spec, out_dir=out_path, tracking_uri=recorder.tracking_uri,
                               experiment_id=recorder.experiment_id, parent_run_id=parent, results=policy.results,
-                              interrupted=interrupted, cost=cost)
+                              interrupted=bool(stop), cost=cost, stop_reason=stop.reason,
+                              stop_message=stop.message, journaled=journaled)
         view.print_grid_summary(summary, console=console)
-        if not interrupted:
+        if not stop:
             _write_report(summary, console=console)
         return summary
 

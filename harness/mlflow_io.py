@@ -15,8 +15,11 @@ Store: ``--tracking-uri`` as given; without one, a grid or study writes ``sqlite
 a grid's out folder is read as that SQLite store.
 
 The driver is the only writer (:class:`MlflowRecorder`, the :class:`harness.driver.Recorder` on
-MLflow); trials never import mlflow. The reader (:func:`load_runs`) turns a grid's runs into the
-tidy frame of :mod:`reports.load`.
+MLflow, behind :class:`harness.tracking_queue.QueuedRecorder` so the driver never waits on the store;
+:func:`classify_error` tells that queue which errors to retry); trials never import mlflow. A run
+reopened after an interruption keeps one point per metric and step: points at steps it already has
+(the steps a resumed attempt re-runs after its checkpoint) are not logged again. The reader
+(:func:`load_runs`) turns a grid's runs into the tidy frame of :mod:`reports.load`.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import itertools
 import json
 import logging
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -38,19 +42,23 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from sqlalchemy.exc import DatabaseError as SqlDatabaseError
+from sqlalchemy.exc import OperationalError as SqlOperationalError
 
 from ddsm.config import ConfigError
 from harness.driver import Event, Recorder
 from harness.secrets import redact
 
-__all__ = ["CellRun", "GridRuns", "MlflowRecorder", "RUN_TAGS", "Tag", "artifact_uri", "experiment_tags", "iter_runs",
-           "load_runs", "reader_uri", "record_event", "store_uri", "ui_hint", "write_report_from_mlflow"]
+__all__ = ["CellRun", "GridRuns", "MlflowRecorder", "RUN_TAGS", "Tag", "artifact_uri", "classify_error",
+           "damaged_store_message", "driver_gone", "experiment_tags", "iter_runs", "load_runs", "reader_uri",
+           "record_event", "store_uri", "ui_hint", "write_report_from_mlflow"]
 
 for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 _BATCH = 1000  # MLflow's per-request limit for metrics (params and tags: 100)
 STORE_FILE = "mlflow.db"
+DRIVER_STALE_S = 150.0  # a driver whose heartbeat (every 30 s, harness.tracking_queue) is older than this is gone
 
 
 class Tag:
@@ -99,6 +107,11 @@ class Tag:
     OPTUNA_PARAMS = "optuna_params"
     REQUEUED_FROM = "requeued_from"
     PRUNED_AT_STEP = "pruned_at_step"
+    NODE_ID = "node_id"  # the Ray node of the latest attempt
+    RESUMED_FROM = "resumed_from"  # the checkpoint the latest attempt resumed from ("<path> (step N)")
+    CHECKPOINT_DAMAGED = "checkpoint_damaged"  # checkpoints set aside as damaged before that resume
+    DRIVER = "driver"  # parent: "<host>:<pid>" of the driver running it (harness.tracking_queue)
+    DRIVER_HEARTBEAT = "driver_heartbeat"  # parent: unix time that driver was last seen alive
 
 
 KIND_GRID, KIND_CELL = "grid", "cell"
@@ -214,19 +227,23 @@ class MlflowRecorder:
         artifact_root: where a newly created experiment stores artifacts: a local path or any artifact URI
             (``s3://...``); None: the server's default. An existing experiment keeps its own.
         """
-        self._client = MlflowClient(tracking_uri=tracking_uri)
         self.tracking_uri = tracking_uri
-        found = self._client.get_experiment_by_name(experiment)
-        if found is not None:
-            self.experiment_id = found.experiment_id
-            self.artifact_location = found.artifact_location
-        else:
-            location = artifact_uri(artifact_root)
-            self.experiment_id = self._client.create_experiment(experiment, artifact_location=location)
-            self.artifact_location = self._client.get_experiment(self.experiment_id).artifact_location
-        for key, value in experiment_tags().items():
-            self._client.set_experiment_tag(self.experiment_id, key, value)
+        try:
+            self._client = MlflowClient(tracking_uri=tracking_uri)
+            found = self._client.get_experiment_by_name(experiment)
+            if found is not None:
+                self.experiment_id = found.experiment_id
+                self.artifact_location = found.artifact_location
+            else:
+                location = artifact_uri(artifact_root)
+                self.experiment_id = self._client.create_experiment(experiment, artifact_location=location)
+                self.artifact_location = self._client.get_experiment(self.experiment_id).artifact_location
+            for key, value in experiment_tags().items():
+                self._client.set_experiment_tag(self.experiment_id, key, value)
+        except SqlDatabaseError as e:
+            raise ConfigError(damaged_store_message(tracking_uri, e)) from None
         self._metrics: dict[str, list[Metric]] = {}
+        self._high: dict[str, dict[str, int]] = {}  # run id -> metric key -> latest step logged
 
     def _search(self, filter_string: str) -> list:
         return list(iter_runs(self._client, [self.experiment_id], filter_string=filter_string))
@@ -262,6 +279,8 @@ class MlflowRecorder:
         tags = {**tags, Tag.KIND: KIND_CELL, Tag.CELL_HASH: cell_hash}
         if reuse:
             self._client.update_run(reuse, status="RUNNING")
+            latest = self._client.get_run(reuse).data._metric_objs  # the latest point of each key (largest step)
+            self._high[reuse] = {m.key: int(m.step) for m in latest}
             self._log(reuse, params=params, tags=tags)
             return reuse
         run_id = self._client.create_run(self.experiment_id, run_name=name,
@@ -279,6 +298,21 @@ class MlflowRecorder:
         self._metrics.setdefault(run_id, []).extend(
             Metric(k, float(v), now, int(step)) for k, v in metrics.items() if _is_number(v))
 
+    def log_points(self, run_id: str, points: list[tuple[str, float, int, int]]) -> None:
+        """Send ``(key, value, timestamp ms, step)`` points now (at most 1000), skipping those at a step the run
+        already has for that key."""
+        self._send(run_id, [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in points])
+
+    def _send(self, run_id: str, metrics: list[Metric]) -> None:
+        high = self._high.setdefault(run_id, {})
+        fresh = []
+        for m in metrics:
+            if m.step > high.get(m.key, -1):
+                fresh.append(m)
+                high[m.key] = m.step
+        for i in range(0, len(fresh), _BATCH):
+            self._client.log_batch(run_id, metrics=fresh[i: i + _BATCH])
+
     def log_artifact(self, run_id: str, path: Path) -> None:
         """Upload one file to the run's artifact root."""
         self._client.log_artifact(run_id, str(path))
@@ -287,8 +321,7 @@ class MlflowRecorder:
         """Send every buffered metric, ``log_batch`` by ``log_batch``."""
         pending, self._metrics = self._metrics, {}
         for run_id, metrics in pending.items():
-            for i in range(0, len(metrics), _BATCH):
-                self._client.log_batch(run_id, metrics=metrics[i: i + _BATCH])
+            self._send(run_id, metrics)
 
     def end_run(self, run_id: str, *, status: str, tags: dict[str, Any] | None = None,
                 artifacts: Iterable[tuple[Path, str | None]] = ()) -> None:
@@ -321,6 +354,32 @@ class MlflowRecorder:
             self._client.log_batch(run_id, params=p[i: i + 100], tags=t[i: i + 100])
 
 
+def classify_error(e: BaseException) -> str:
+    """How :class:`harness.tracking_queue.QueuedRecorder` treats an error of the store: ``lost`` (a damaged
+    SQLite file, refused credentials: retrying cannot help), ``refused`` (this one write is invalid, e.g.
+    its run was deleted), else ``retry`` (unreachable server, timeout, 5xx, a locked database)."""
+    from harness.tracking_queue import LOST, REFUSED, RETRY
+
+    if isinstance(e, SqlDatabaseError) and not isinstance(e, SqlOperationalError):
+        return LOST
+    if isinstance(e, MlflowException):
+        if e.error_code in ("PERMISSION_DENIED", "UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED"):
+            return LOST
+        if e.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
+                            "INVALID_STATE", "BAD_REQUEST"):
+            return REFUSED
+    return RETRY
+
+
+def damaged_store_message(uri: str, e: BaseException) -> str:
+    """One line for a tracking store SQLite cannot read, with the remedy."""
+    why = str(getattr(e, "orig", e)).splitlines()[0]
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else uri
+    return (f"tracking store {path} is damaged ({why}): move it aside (mv {path} {path}.damaged) and re-run: the "
+            "grid rebuilds it from the cells' result.json files (final metrics and artifacts; the per-step "
+            "curves are not rebuilt); a study's trials stay in its study.db")
+
+
 def _value(v: Any) -> str:
     return json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
 
@@ -343,6 +402,9 @@ def record_event(recorder: Recorder, run_id: str, event: Event) -> None:
         if info.get("workers"):
             tags[Tag.WORKERS] = info["workers"]
         recorder.set_tags(run_id, tags)
+    elif event.kind == "resume":
+        recorder.set_tags(run_id, {Tag.RESUMED_FROM: event.info.get("path", ""),
+                                   Tag.CHECKPOINT_DAMAGED: event.info.get("damaged", "")})
     elif event.kind in ("train", "eval") and event.metrics:
         recorder.log_metrics(run_id, event.metrics, step=event.step)
 
@@ -382,20 +444,23 @@ def load_runs(tracking_uri: str | None, *, experiment: str | None = None, parent
         raise ConfigError("give exactly one of experiment (--experiment NAME) and parent run (--run ID)")
     uri = reader_uri(tracking_uri)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bar per artifact read
-    client = MlflowClient(tracking_uri=uri)
-    if parent_run_id is not None:
-        try:
-            parents = [client.get_run(parent_run_id)]
-        except MlflowException:
-            raise ConfigError(f"run {parent_run_id!r} not found in tracking store {uri}") from None
-        exp = client.get_experiment(parents[0].info.experiment_id)
-    else:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            known = [e.name for e in client.search_experiments(max_results=20)]
-            raise ConfigError(f"experiment {experiment!r} not found in tracking store {uri}: known experiments: "
-                              f"{', '.join(known) or 'none'}")
-    every = list(iter_runs(client, [exp.experiment_id], page_size=page_size))
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        if parent_run_id is not None:
+            try:
+                parents = [client.get_run(parent_run_id)]
+            except MlflowException:
+                raise ConfigError(f"run {parent_run_id!r} not found in tracking store {uri}") from None
+            exp = client.get_experiment(parents[0].info.experiment_id)
+        else:
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                known = [e.name for e in client.search_experiments(max_results=20)]
+                raise ConfigError(f"experiment {experiment!r} not found in tracking store {uri}: known experiments: "
+                                  f"{', '.join(known) or 'none'}")
+        every = list(iter_runs(client, [exp.experiment_id], page_size=page_size))
+    except SqlDatabaseError as e:
+        raise ConfigError(damaged_store_message(uri, e)) from None
     referenced = {r.data.tags.get(Tag.PARENT) for r in every} - {None}
     if parent_run_id is None:
         parents = [r for r in every if _is_parent(r, referenced)]
@@ -408,13 +473,16 @@ def load_runs(tracking_uri: str | None, *, experiment: str | None = None, parent
     if not runs:
         where = f"parent run {parent_run_id!r}" if parent_run_id else f"experiment {experiment!r}"
         raise ConfigError(f"{where} has no cell runs in tracking store {uri}")
-    frame = tidy_frame(_record(r, exp.name, _per_class_artifact(client, r) if read_artifacts else {}) for r in runs)
+    by_id, now = {r.info.run_id: r for r in every}, time.time()
+    frame = tidy_frame(_record(r, exp.name, _per_class_artifact(client, r) if read_artifacts else {},
+                               interrupted=_interrupted(r, by_id, now)) for r in runs)
     return GridRuns(frame=frame, provenance=_provenance(uri, exp, parents, runs),
                     expected=_expected(plan, parents, frame))
 
 
-def _record(run: Any, experiment: str, per_class: dict[str, float]) -> dict[str, Any]:
-    """An MLflow run -> the plain record :func:`reports.load.tidy_frame` takes.
+def _record(run: Any, experiment: str, per_class: dict[str, float], *, interrupted: bool = False) -> dict[str, Any]:
+    """An MLflow run -> the plain record :func:`reports.load.tidy_frame` takes (status ``INTERRUPTED`` when
+    ``interrupted``).
 
     The evaluation fields (``eval.*``, ``data.val_split``) are read from the run's tags (a re-evaluation
     changes them; params never change), and accuracy metrics of an earlier evaluation that the latest one
@@ -423,8 +491,9 @@ def _record(run: Any, experiment: str, per_class: dict[str, float]) -> dict[str,
     from ddsm.metrics.catalogue import is_accuracy
 
     tags = run.data.tags
+    status = "INTERRUPTED" if interrupted else run.info.status
     fields = {"run_id": run.info.run_id, "parent_run_id": tags.get(Tag.PARENT), "experiment": experiment,
-              "experiment_id": run.info.experiment_id, "run_name": run.info.run_name, "status": run.info.status,
+              "experiment_id": run.info.experiment_id, "run_name": run.info.run_name, "status": status,
               "start_time": run.info.start_time, **{t: tags.get(t) for t in RUN_TAGS}}
     evaluation = {k: v for k, v in tags.items() if k.startswith("eval.") or k == "data.val_split"}
     metrics = dict(run.data.metrics)
@@ -432,6 +501,36 @@ def _record(run: Any, experiment: str, per_class: dict[str, float]) -> dict[str,
         current = set(json.loads(tags[Tag.EVAL_METRICS]))
         metrics = {k: v for k, v in metrics.items() if not is_accuracy(k) or k in current}
     return {"run": fields, "params": {**run.data.params, **evaluation}, "metrics": {**metrics, **per_class}}
+
+
+def _interrupted(run: Any, by_id: dict[str, Any], now: float) -> bool:
+    """A cell run its driver stopped (KILLED, tagged ``status=killed``), or left RUNNING by a driver that is gone."""
+    tags = run.data.tags
+    if run.info.status == "KILLED":
+        return tags.get(Tag.STATUS) == "killed"
+    if run.info.status not in ("RUNNING", "SCHEDULED"):
+        return False
+    parent = by_id.get(tags.get(Tag.PARENT, ""))
+    return parent is not None and driver_gone(parent, now=now)
+
+
+def driver_gone(parent: Any, *, now: float | None = None) -> bool:
+    """Whether the driver of a grid's (or study's) parent run is gone: it ended the parent, or its heartbeat
+    (:data:`Tag.DRIVER_HEARTBEAT`) is older than :data:`DRIVER_STALE_S`, or it ran on this host and its process
+    is gone. A parent without a heartbeat (an older ddsm-bench) counts as alive while RUNNING."""
+    from harness.lock import pid_alive
+
+    if parent.info.status != "RUNNING":
+        return True
+    tags, now = parent.data.tags, time.time() if now is None else now
+    host, _, pid = tags.get(Tag.DRIVER, "").rpartition(":")
+    if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
+        return True
+    beat = tags.get(Tag.DRIVER_HEARTBEAT)
+    try:
+        return beat is not None and now - float(beat) > DRIVER_STALE_S
+    except ValueError:
+        return False
 
 
 def _per_class_artifact(client: Any, run: Any) -> dict[str, float]:

@@ -3,22 +3,29 @@
 - Cluster: :func:`connect` (start a local instance, or join one: ``auto``, reachability and token
   authentication checked first, exit 2 in seconds), :func:`shutdown`,
   :func:`check_resources` (exit 2 instead of waiting forever), :func:`default_concurrency`,
-  :func:`check_shared_storage` (every node must read the driver's out dir).
+  :func:`check_shared_storage` (every node, by node id, must read the driver's out dir).
 - Tasks: one trial is a ``max_calls=1`` task (a fresh worker process, so GPU memory is released
   when it exits) holding the trial's CPUs/GPUs; with ``num_workers > 1`` (or ``ddp: true``) it is a zero-CPU task that
   runs a Ray Train ``TorchTrainer`` of that many workers (DDP: gloo on CPU, NCCL on GPU). Every
   attempt records its :func:`placement` (node id, GPU ids/UUIDs, every DDP rank's).
 - :class:`RayLauncher`: the :class:`harness.driver.Launcher` on Ray: submit, wait, events (a Ray
-  queue the workers' engine callbacks put on), outcome (Ray errors mapped to failure classes),
-  cancel.
+  queue, pinned to the driver's node, that the workers' engine callbacks put on), outcome (Ray errors
+  mapped to failure classes: a dead node is ``node_lost``), stop (``ray.cancel(force=False)``: the
+  trial checkpoints after its current step), cancel, and lost: a :class:`ClusterWatch` probes the
+  head's GCS port every second and calls the cluster lost after :data:`LOST_AFTER_S` of silence (Ray's
+  own core worker would end the driver abruptly after 60 s without its GCS), as does a Ray call that
+  fails because the connection is gone. On a lost cluster ``wait`` returns at once and the other calls
+  are bounded (the driver still tries to let trials checkpoint, and to cancel them).
 - :func:`run_isolated`: one task alone on its device (the grid's cost phase, :mod:`harness.cost`).
 """
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -35,8 +42,14 @@ from harness.driver import Event, TrialOutcome, TrialPayload, read_result
 from harness.spec import Resources
 from harness.worker import root_cause, run_trial
 
-__all__ = ["Connection", "RayLauncher", "check_resources", "check_shared_storage", "connect", "default_concurrency",
-           "failure_class", "placement", "resolve_address", "run_isolated", "shutdown"]
+__all__ = ["ClusterWatch", "Connection", "LOST_AFTER_S", "RayLauncher", "check_resources", "check_shared_storage",
+           "connect", "default_concurrency", "failure_class", "placement", "resolve_address", "run_isolated",
+           "shutdown"]
+
+# Seconds without an answer from the head before the cluster counts as lost (must stay well under the 60 s
+# after which Ray's core worker ends a driver that lost its GCS); DDSM_BENCH_CLUSTER_LOST_S overrides it.
+LOST_AFTER_S = float(os.environ.get("DDSM_BENCH_CLUSTER_LOST_S", "15"))
+CALL_TIMEOUT_S = 10.0  # longest wait for the event queue's actor
 
 
 # ============================================================================ the cluster
@@ -240,7 +253,11 @@ def _read_marker(path: str) -> str | None:
 
 
 def check_shared_storage(out_dir: Path) -> None:
-    """On a multi-node cluster, raise ConfigError unless every node reads a marker the driver wrote."""
+    """On a multi-node cluster, raise ConfigError unless every node reads a marker the driver wrote.
+
+    One probe task is pinned to every alive node by node id (several nodes may share one host and IP
+    address, yet not a filesystem: containers, mount namespaces).
+    """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -251,10 +268,10 @@ def check_shared_storage(out_dir: Path) -> None:
     token = uuid.uuid4().hex
     marker.write_text(token)
     try:
-        refs = {n["NodeManagerAddress"]: _read_marker.options(
+        refs = {f"{n['NodeID'][:12]} ({n['NodeManagerAddress']})": _read_marker.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(marker))
             for n in nodes}
-        blind = [host for host, ref in refs.items() if ray.get(ref, timeout=60) != token]
+        blind = [node for node, ref in refs.items() if ray.get(ref, timeout=60) != token]
     finally:
         marker.unlink(missing_ok=True)
     if blind:
@@ -348,29 +365,85 @@ def failure_class(e: Exception) -> str:
     """Failure class of an exception raised by Ray itself (the trial's own exceptions are caught inside)."""
     if isinstance(e, ray.exceptions.OutOfMemoryError):
         return "oom"
+    if isinstance(e, (ray.exceptions.NodeDiedError, ray.exceptions.LocalRayletDiedError)):
+        return "node_lost"
     if isinstance(e, ray.exceptions.RayTaskError):
         from ddsm.engine.failures import classify_failure
 
         return classify_failure(e.cause) if getattr(e, "cause", None) else "error"
-    return "killed"  # worker crashed, node died, task cancelled
+    return "killed"  # worker crashed, task cancelled
+
+
+def _node_of(e: Exception) -> str:
+    """The node id a Ray error names (``node ID: <hex>``), else ""."""
+    m = re.search(r"node[ _]?id[:=]\s*([0-9a-f]{16,})", str(e), flags=re.IGNORECASE)
+    return m.group(1) if m else ""
+
+
+class ClusterWatch:
+    """Probes the head's GCS port in a thread: :meth:`lost` says so once it stayed silent ``lost_after_s``."""
+
+    def __init__(self, gcs_address: str | None, *, lost_after_s: float = LOST_AFTER_S, every_s: float = 1.0) -> None:
+        """Args:
+        gcs_address: ``host:port`` of the GCS (None: nothing to probe, e.g. a ``ray://`` client).
+        lost_after_s: seconds of failed probes before the cluster is lost.
+        every_s: seconds between probes.
+        """
+        self.address, self.lost_after_s, self.every_s = gcs_address, lost_after_s, every_s
+        self.reason: str | None = None
+        self._stop = threading.Event()
+        if gcs_address:
+            threading.Thread(target=self._probe, name="ddsm-bench-cluster-watch", daemon=True).start()
+
+    def lost(self) -> str | None:
+        """Why the cluster is gone, else None."""
+        return self.reason
+
+    def close(self) -> None:
+        """Stop probing."""
+        self._stop.set()
+
+    def _probe(self) -> None:
+        host, _, port = self.address.rpartition(":")
+        silent_since = None
+        while not self._stop.wait(self.every_s):
+            try:
+                socket.create_connection((host, int(port)), timeout=min(2.0, self.lost_after_s)).close()
+                silent_since = None
+            except OSError as e:
+                silent_since = silent_since or time.monotonic()
+                if time.monotonic() - silent_since >= self.lost_after_s:
+                    self.reason = (f"the Ray cluster is lost: its head at {self.address} has not answered for "
+                                   f"{time.monotonic() - silent_since:.0f} s ({e.strerror or e})")
+                    return
 
 
 class RayLauncher:
     """:class:`harness.driver.Launcher` on the connected Ray cluster; handles are ObjectRefs."""
 
     def __init__(self, resources: Resources, *, train_fn: Callable[..., dict] | None = None,
-                 fresh_workers: bool = True) -> None:
+                 fresh_workers: bool = True, watch: ClusterWatch | None = None) -> None:
         """Args:
         resources: what every trial asks for (``num_workers > 1``: DDP).
         train_fn: what trains inside the trial (default ``ddsm.engine.train``; see
             :func:`harness.worker.run_trial`); a module-level function, so workers can import it.
         fresh_workers: one worker process per trial (``max_calls=1``: GPU memory is released when it
             exits). False reuses workers, for trivial ``train_fn`` trials that hold no GPU memory.
+        watch: what tells that the cluster is gone (default: a :class:`ClusterWatch` on this cluster's GCS).
         """
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.resources, self.train_fn, self.fresh_workers = resources, train_fn, fresh_workers
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        # The queue lives (and dies) with the driver's node, never on a worker node that may be lost (a soft
+        # affinity is not enough: Ray then places it elsewhere too).
+        here = ray.get_runtime_context().get_node_id()
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+            here, soft=False)})
+        self.watch = watch if watch is not None else ClusterWatch(_gcs_address())
+        self._lost: str | None = None
+        self._batch: Any = None  # an ObjectRef of events taken off the queue but not read yet
+        self._unavailable_since: float | None = None  # the queue's actor has not answered since
 
     def submit(self, payload: TrialPayload) -> Any:
         """Start one attempt: a trial task, or a DDP launcher task; return its ObjectRef."""
@@ -383,35 +456,83 @@ class RayLauncher:
 
     def wait(self, handles: list[Any], timeout: float) -> list[Any]:
         """Every finished handle: waits up to ``timeout`` for the first, then takes all that are ready."""
-        ready, rest = ray.wait(handles, num_returns=1, timeout=timeout)
-        if ready and rest:
-            more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
-            ready += more
+        if self.lost():
+            return []
+        try:
+            ready, rest = ray.wait(handles, num_returns=1, timeout=timeout)
+            if ready and rest:
+                more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+                ready += more
+        except (ray.exceptions.RaySystemError, ConnectionError) as e:
+            self._lose(e)
+            return []
         return ready
 
     def events(self) -> list[Event]:
-        """Every event on the queue now."""
-        n = self.queue.size()
-        return list(self.queue.get_nowait_batch(n)) if n else []
+        """Every event on the queue now (each call bounded by :data:`CALL_TIMEOUT_S`)."""
+        if self.queue.actor is None:
+            return []
+        try:
+            if self._batch is None:  # else: the batch a slow call took off the queue, not yet read
+                n = ray.get(self.queue.actor.qsize.remote(), timeout=CALL_TIMEOUT_S)
+                self._batch = self.queue.actor.get_nowait_batch.remote(n) if n else None
+            batch = ray.get(self._batch, timeout=CALL_TIMEOUT_S) if self._batch is not None else []
+            self._batch, self._unavailable_since = None, None
+            return list(batch)
+        except ray.exceptions.GetTimeoutError:  # a busy node: the events come with a later call
+            return []
+        except ray.exceptions.ActorUnavailableError as e:  # unreachable for now: lost if it stays so
+            self._unavailable_since = self._unavailable_since or time.monotonic()
+            if time.monotonic() - self._unavailable_since >= self.watch.lost_after_s:
+                self._lose(e, what="the driver's event queue (on the driver's node) stopped answering")
+            return []
+        except (ray.exceptions.RayActorError, ray.exceptions.RaySystemError, ConnectionError) as e:
+            self._lose(e, what="the driver's event queue (on the driver's node) died")
+            return []
 
     def done(self, handle: Any) -> bool:
         """Whether the task returned (or failed)."""
         return bool(ray.wait([handle], timeout=0)[0])
 
     def outcome(self, handle: Any, timeout: float | None = None) -> TrialOutcome:
-        """The task's TrialOutcome; a Ray error (crashed worker, OOM kill, cancel) becomes a failed one."""
+        """The task's TrialOutcome; a Ray error (crashed worker, dead node, OOM kill, cancel) becomes a failed one."""
         try:
             return ray.get(handle, timeout=timeout)
         except ray.exceptions.RayError as e:
-            return TrialOutcome(status="failed", failure_class=failure_class(e), error=str(e).splitlines()[0])
+            node = _node_of(e)
+            return TrialOutcome(status="failed", failure_class=failure_class(e),
+                                error=str(e).splitlines()[0] + (f" (node {node})" if node and node not in
+                                                                str(e).splitlines()[0] else ""))
+
+    def stop(self, handle: Any) -> None:
+        """Ask the trial to stop: SIGINT in its worker (the engine checkpoints after the current step)."""
+        ray.cancel(handle, force=False)
 
     def cancel(self, handle: Any) -> None:
         """Kill the task's worker."""
         ray.cancel(handle, force=True)
 
+    def lost(self) -> str | None:
+        """Why the cluster is gone (the head stopped answering, or a Ray call found the connection gone)."""
+        return self._lost or self.watch.lost()
+
     def close(self) -> None:
-        """Remove the event queue's actor."""
-        self.queue.shutdown()
+        """Stop watching; remove the event queue's actor (not on a lost cluster: nothing answers there)."""
+        self.watch.close()
+        if not self.lost():
+            self.queue.shutdown()
+
+    def _lose(self, e: Exception, *, what: str = "a Ray call failed") -> None:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0]}"[:300]
+        self._lost = self._lost or f"the Ray cluster is lost: {what} ({why})"
+
+
+def _gcs_address() -> str | None:
+    """``host:port`` of the connected cluster's GCS (None for a Ray Client connection)."""
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - ray:// clients have no GCS address to probe
+        return None
 
 
 # ============================================================================ a task alone on its device

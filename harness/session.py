@@ -1,28 +1,42 @@
-"""What every ``ddsm-bench run`` and ``tune`` session does around its policy: the preamble and the run.
+"""What every ``ddsm-bench run`` and ``tune`` session does around its policy: the preamble, the run, the end.
 
 :func:`preflight` checks, before Ray starts or anything is written, that the tracking store (and a
-study's storage) answers; :func:`cluster` connects to Ray and checks that a trial fits the cluster
-and that every node sees ``--out``; :func:`open_recorder` opens the MLflow store;
+study's storage) answers; :func:`claim_out` makes ``--out`` a writable folder and takes its lock (one
+driver per out dir, :mod:`harness.lock`); :func:`cluster` connects to Ray and checks, before anything
+is written, that a trial fits the cluster and that every node sees ``--out``; :func:`open_recorder`
+opens the MLflow store behind the retry queue of :mod:`harness.tracking_queue`;
 :func:`print_where_to_look` says where the runs, the dashboard and the study can be watched;
-:func:`run_policy` drives a policy on Ray with Ctrl-C / SIGTERM turned into the stop flag. Grids
-(:mod:`harness.grid`) and studies (:mod:`harness.study`) differ only in their policy.
+:func:`run_policy` drives a policy on Ray with Ctrl-C / SIGTERM, a lost tracking store and a lost
+cluster turned into the stop flag; :func:`close_recorder` writes what is buffered (or journals it for
+the next run) and :func:`stop_exit_code` maps how the session ended to :mod:`harness.exit_codes`.
+Grids (:mod:`harness.grid`) and studies (:mod:`harness.study`) differ only in their policy.
 """
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from harness import ray_backend
-from harness.driver import Console, Policy, drive, stop_on_signals
-from harness.mlflow_io import MlflowRecorder, store_uri, ui_hint
+from ddsm.config import ConfigError
+from harness import exit_codes, ray_backend
+from harness.driver import Console, Policy, StopFlag, drive, stop_on_signals
+from harness.lock import OutDirLock
+from harness.mlflow_io import MlflowRecorder, Tag, classify_error, store_uri, ui_hint
 from harness.preflight import check_database, check_tracking_uri
 from harness.secrets import redact
-from harness.spec import Resources
+from harness.spec import DEFAULT_TRACKING_OUTAGE_S, Resources
+from harness.tracking_queue import JOURNAL_FILE, QueuedRecorder
 
-__all__ = ["cluster", "git_sha", "open_recorder", "preflight", "print_where_to_look", "run_policy"]
+__all__ = ["claim_out", "close_recorder", "cluster", "git_sha", "open_recorder", "preflight", "print_where_to_look",
+           "run_policy", "stop_exit_code"]
+
+INTERRUPT_FLUSH_S = 10.0  # how long an interrupted driver waits for a slow store before journaling the rest
+LOST_FLUSH_S = 15.0  # the same when the cluster is lost (Ray ends such a driver 60 s after its head went away)
 
 
 def preflight(*, tracking_uri: str | None, out: Path, storage: str | None = None) -> str:
@@ -33,6 +47,29 @@ def preflight(*, tracking_uri: str | None, out: Path, storage: str | None = None
     if storage:
         check_database(storage, what="Optuna storage (search.storage)")
     return uri
+
+
+@contextmanager
+def claim_out(out: Path, *, command: str, say: Any = print) -> Iterator[OutDirLock]:
+    """Create ``out`` and hold its lock for the block (ConfigError, exit 2: bad ``--out`` or another driver
+    holds it); ``say`` receives one line when a stale lock of a dead driver is taken over. Bad input found
+    inside the block (a ConfigError) leaves no folder behind that this call created."""
+    out = Path(out).resolve()
+    created = [p for p in (out, *out.parents) if not p.exists()]  # what a failure must not leave behind
+    lock = OutDirLock(out, command=command).acquire()
+    try:
+        if lock.took_over is not None:
+            say(f"taking over {out}: its previous driver is gone ({lock.took_over.describe()})")
+        yield lock
+    except ConfigError:
+        lock.release()
+        lock.path.unlink(missing_ok=True)
+        for folder in created:  # innermost first; only if nothing else was written there
+            with suppress(OSError):
+                folder.rmdir()
+        raise
+    finally:
+        lock.release()
 
 
 @contextmanager
@@ -61,22 +98,34 @@ def default_concurrency(resources: Resources) -> int:
     return ray_backend.default_concurrency(resources)
 
 
-def open_recorder(*, tracking_uri: str | None, out: Path, experiment: str,
-                  artifact_location: str | None = None) -> MlflowRecorder:
-    """The MLflow recorder of a session: ``tracking_uri``, or ``sqlite:///<out>/mlflow.db``.
+def open_recorder(*, tracking_uri: str | None, out: Path, experiment: str, outage_s: float = DEFAULT_TRACKING_OUTAGE_S,
+                  artifact_location: str | None = None, say: Any = print) -> QueuedRecorder:
+    """The tracking recorder of a session: MLflow at ``tracking_uri`` (or ``sqlite:///<out>/mlflow.db``) behind
+    the retry queue, journaling to ``<out>/tracking-journal.json``.
 
     Artifacts of a new experiment go to ``artifact_location``; without one, to ``<out>/mlartifacts``
     for a local or database store (never the driver's working directory), and to the server's default
-    for an ``http(s)://`` server.
+    for an ``http(s)://`` server. ``outage_s``: how long the store may stay unreachable mid-run before the
+    driver stops; ``say`` receives the queue's lines (outage started, store back, a write refused).
+
+    Raises:
+        ConfigError: the store's SQLite file is damaged (the message says how to rebuild it).
     """
+    # The queue retries; one MLflow request must fail fast so that the queue sees the store come back.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     uri = store_uri(tracking_uri, folder=out)
     served = uri.startswith(("http://", "https://"))
     root = artifact_location or (None if served else out / "mlartifacts")
-    return MlflowRecorder(tracking_uri=uri, experiment=experiment, artifact_root=root)
+    inner = MlflowRecorder(tracking_uri=uri, experiment=experiment, artifact_root=root)
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    return QueuedRecorder(inner, outage_s=outage_s, classify=classify_error, journal=out / JOURNAL_FILE,
+                          heartbeat=lambda: {Tag.DRIVER: me, Tag.DRIVER_HEARTBEAT: round(time.time(), 1)},
+                          notify=say)
 
 
-def print_where_to_look(recorder: MlflowRecorder, connection: ray_backend.Connection, *, console: Any,
-                        storage: str | None = None, artifact_location: str | None = None) -> None:
+def print_where_to_look(recorder: QueuedRecorder | MlflowRecorder, connection: ray_backend.Connection, *,
+                        console: Any, storage: str | None = None, artifact_location: str | None = None) -> None:
     """Print, at start, how to browse the runs (MLflow UI), the Ray dashboard when one runs, the study
     storage for ``optuna-dashboard``, and where artifacts go (passwords hidden)."""
     lines = [f"MLflow: {ui_hint(recorder.tracking_uri, recorder.experiment_id)}",
@@ -99,17 +148,51 @@ def _as_uri(location: str) -> str:
     return artifact_uri(location) or ""
 
 
-def run_policy(policy: Policy, *, resources: Resources, recorder: MlflowRecorder, console: Console,
-               limit: int, train_fn: Callable[..., dict] | None = None, fresh_workers: bool = True) -> bool:
-    """Drive ``policy`` on Ray (at most ``limit`` trials at once) with SIGINT/SIGTERM as the stop flag;
-    True when interrupted. ``train_fn`` / ``fresh_workers``: see :class:`harness.ray_backend.RayLauncher`."""
+def run_policy(policy: Policy, *, resources: Resources, recorder: QueuedRecorder, console: Console,
+               limit: int, train_fn: Callable[..., dict] | None = None, fresh_workers: bool = True) -> StopFlag:
+    """Drive ``policy`` on Ray (at most ``limit`` trials at once) with SIGINT/SIGTERM, a lost tracking store
+    and a lost cluster as the stop flag; return the flag (falsy: the policy ran out of work).
+    ``train_fn`` / ``fresh_workers``: see :class:`harness.ray_backend.RayLauncher`."""
     launcher = ray_backend.RayLauncher(resources, train_fn=train_fn, fresh_workers=fresh_workers)
     try:
         with stop_on_signals() as stop:
-            return drive(policy, launcher, recorder, console, limit=limit, stop=stop)
+            drive(policy, launcher, recorder, console, limit=limit, stop=stop)
+            return stop
     finally:
         with suppress(Exception):  # Ray may be going down already (Ctrl-C reaches its processes too)
             launcher.close()
+
+
+def close_recorder(recorder: QueuedRecorder, stop: StopFlag | None) -> int:
+    """Write what the recorder holds, waiting as the way the session ended allows (a finished session: up to
+    the outage limit; interrupted or failed (``stop`` None): :data:`INTERRUPT_FLUSH_S`; a lost cluster:
+    :data:`LOST_FLUSH_S`; a lost store: not at all); the rest goes to the journal. Returns how many writes were
+    journaled (a finished session that journaled some
+    is then ended as ``tracking``)."""
+    if stop is None:  # the session failed before or while driving: do not linger
+        timeout = INTERRUPT_FLUSH_S
+    else:
+        timeout = {None: recorder.outage_s + 60, "signal": INTERRUPT_FLUSH_S, "cluster": LOST_FLUSH_S}.get(
+            stop.reason, 0.0)
+    recorder.close(timeout_s=timeout)
+    left = recorder.journaled
+    if left and stop is not None and not stop:
+        stop.lost("tracking", recorder.problem() or f"{left} tracking writes could not be sent to "
+                  f"{recorder.tracking_uri}")
+    return left
+
+
+def stop_exit_code(summary: Any, *, ok: bool) -> int:
+    """The exit code of a session whose summary has ``stop_reason`` and ``interrupted`` (``ok``: its work is
+    complete): :data:`exit_codes.TRACKING_LOST`, :data:`exit_codes.CLUSTER_LOST`, :data:`exit_codes.INTERRUPTED`,
+    else OK or CELLS_FAILED."""
+    if summary.stop_reason == "tracking":
+        return exit_codes.TRACKING_LOST
+    if summary.stop_reason == "cluster":
+        return exit_codes.CLUSTER_LOST
+    if summary.interrupted:
+        return exit_codes.INTERRUPTED
+    return exit_codes.OK if ok else exit_codes.CELLS_FAILED
 
 
 def git_sha() -> str:

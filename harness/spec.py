@@ -30,11 +30,12 @@ from typing import Any
 
 import yaml
 
-from ddsm.config import ConfigError, TrialConfig, from_dict, set_in
+from ddsm.config import ConfigError, TrialConfig, from_dict, set_in, yaml_problem
 from harness.cost import SMOKE_COST, CostSettings, settings_from
 
 __all__ = [
-    "SMOKE_OVERRIDES", "Baseline", "ExtraCell", "GridSpec", "Mode", "Resources", "SpecError", "field_type",
+    "DEFAULT_RETRY_ON", "DEFAULT_TRACKING_OUTAGE_S", "SMOKE_OVERRIDES", "Baseline", "ExtraCell", "GridSpec", "Mode",
+    "Resources", "SpecError", "field_type",
     "flatten", "load_spec", "parse_spec", "read_spec_file", "resolve_config",
 ]
 
@@ -49,9 +50,10 @@ SMOKE_OVERRIDES: dict[str, Any] = {
 }
 
 SPEC_KEYS = ("name", "description", "baseline", "base", "baselines", "axes", "cells", "seeds", "resources",
-             "max_failures", "retry_on", "smoke", "cost")
+             "max_failures", "retry_on", "tracking_outage_s", "smoke", "cost")
 # nan is not retried by default: the same seed resumed from the same checkpoint diverges again.
-DEFAULT_RETRY_ON = ("oom", "error", "killed")
+DEFAULT_RETRY_ON = ("oom", "error", "killed", "node_lost")
+DEFAULT_TRACKING_OUTAGE_S = 1800  # how long the tracking store may stay away mid-run before the driver stops
 
 
 class SpecError(ConfigError):
@@ -115,6 +117,7 @@ class GridSpec:
     resources: Resources = field(default_factory=Resources)  # as written (see `trial_resources`)
     max_failures: int = 1  # retries per cell after the first attempt
     retry_on: list[str] = field(default_factory=lambda: list(DEFAULT_RETRY_ON))
+    tracking_outage_s: float = DEFAULT_TRACKING_OUTAGE_S  # the store may be away this long before the driver stops
     smoke: dict[str, Any] = field(default_factory=dict)  # dotted overrides applied by --smoke
     smoke_resources: dict[str, Any] = field(default_factory=dict)  # resources under --smoke (e.g. gpus: 0)
     source: str = "<dict>"
@@ -240,7 +243,7 @@ def read_spec_file(path: str | Path) -> tuple[dict | Any, str]:
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise SpecError(str(p), [f"not valid YAML: {str(e).splitlines()[0]}"]) from None
+        raise SpecError(str(p), [f"not valid YAML: {yaml_problem(e)}"]) from None
     if isinstance(raw, dict) and not raw.get("name"):
         raw = {**raw, "name": p.stem}
     return raw, str(p)
@@ -281,7 +284,8 @@ def parse_spec(raw: Any, *, source: str = "<dict>", smoke: bool = False, check_p
 
 def parse_common(raw: dict, *, source: str, problems: list[str]) -> dict[str, Any]:
     """The keys grid and tune specs share: name, description, base, seeds, resources, max_failures,
-    retry_on, smoke (split into ``smoke`` overrides and ``smoke_resources``); one line per problem."""
+    retry_on, tracking_outage_s, smoke (split into ``smoke`` overrides and ``smoke_resources``); one line per
+    problem."""
     from ddsm.engine.failures import FAILURE_CLASSES, NEVER_RETRIED  # torch import: only once a spec is parsed
 
     name = typed(raw, "name", str, "", problems) or (Path(source).stem if source != "<dict>" else "grid")
@@ -300,13 +304,20 @@ def parse_common(raw: dict, *, source: str, problems: list[str]) -> dict[str, An
                             "fails again (fix the value it names)")
         elif c not in FAILURE_CLASSES:
             problems.append(f"retry_on: {c!r} is not allowed: expected some of {', '.join(retriable)}")
+    outage = raw.get("tracking_outage_s")
+    if outage is None:
+        outage = DEFAULT_TRACKING_OUTAGE_S
+    elif isinstance(outage, bool) or not isinstance(outage, (int, float)) or outage <= 0:
+        problems.append(f"tracking_outage_s={outage!r} is not allowed: expected seconds > 0 (how long the "
+                        "tracking store may stay unreachable before the driver stops)")
+        outage = DEFAULT_TRACKING_OUTAGE_S
     smoke_raw = dict(typed(raw, "smoke", dict, {}, problems))
     smoke_resources = smoke_raw.pop("resources", {})
     resources_section(smoke_resources, "smoke.resources", problems)
     return {"name": name, "description": typed(raw, "description", str, "", problems), "base": base,
             "seeds": seed_list(raw.get("seeds", [0]), "seeds", problems),
             "resources": resources_section(raw.get("resources", {}), "resources", problems),
-            "max_failures": max_failures, "retry_on": list(retry_on),
+            "max_failures": max_failures, "retry_on": list(retry_on), "tracking_outage_s": float(outage),
             "smoke": overrides_section(smoke_raw, "smoke", problems), "smoke_resources": smoke_resources}
 
 

@@ -46,8 +46,8 @@ from harness.driver import Event, Job, Policy, Recorder, TrialOutcome, TrialPayl
 from harness.mlflow_io import Tag, record_event
 from harness.optuna_study import StudyBook, count_finished, open_study, states, summary, write_outputs
 from harness.secrets import redact
-from harness.session import (cluster, default_concurrency, git_sha, open_recorder, preflight, print_where_to_look,
-                             run_policy)
+from harness.session import (claim_out, close_recorder, cluster, default_concurrency, git_sha, open_recorder,
+                             preflight, print_where_to_look, run_policy, stop_exit_code)
 from harness.tune_spec import TuneSpec, load_tune_spec
 from harness.worker import FAIL_ONCE_ENV, cell_artifacts
 
@@ -70,13 +70,15 @@ class StudySummary:
     budget: int
     outputs: dict[str, Path] = field(default_factory=dict)
     interrupted: bool = False
+    stop_reason: str | None = None  # signal | tracking | cluster (see harness.driver.StopFlag)
+    stop_message: str = ""
+    journaled: int = 0  # tracking writes left in <out>/tracking-journal.json for the next run
 
     @property
     def exit_code(self) -> int:
-        """130 interrupted, 1 no trial completed, 0 otherwise (failed trials are part of a search)."""
-        if self.interrupted:
-            return 130
-        return 0 if self.states.get("COMPLETE", 0) else 1
+        """:mod:`harness.exit_codes`: 3 tracking store lost, 4 cluster lost, 130 interrupted, 1 no trial completed,
+        0 otherwise (failed trials are part of a search)."""
+        return stop_exit_code(self, ok=bool(self.states.get("COMPLETE", 0)))
 
 
 @dataclass(eq=False)
@@ -264,7 +266,8 @@ class StudyPolicy(Policy):
 
 def run_study(spec: TuneSpec | str | Path, *, out_dir: str | Path, address: str | None = None,
               tracking_uri: str | None = None, max_concurrent: int | None = None, smoke: bool = False,
-              n_trials: int | None = None, artifact_location: str | None = None, dashboard: bool = False,
+              n_trials: int | None = None, tracking_outage_s: float | None = None,
+              artifact_location: str | None = None, dashboard: bool = False,
               console: Any = None, train_fn: Any = None, fresh_workers: bool = True) -> StudySummary:
     """Run (or continue) the study of a tune spec until its budget of trials reached a verdict.
 
@@ -277,6 +280,8 @@ def run_study(spec: TuneSpec | str | Path, *, out_dir: str | Path, address: str 
         smoke: run under --smoke: a few steps on tiny inputs and the ``search.smoke_trials`` budget, in
             study ``<name>-smoke``.
         n_trials: overrides the budget (``search.n_trials``, or ``search.smoke_trials`` under smoke).
+        tracking_outage_s: how long the tracking store may stay unreachable before the driver stops
+            (None: the spec's ``tracking_outage_s``).
         artifact_location: where a new experiment keeps its artifacts (see :func:`harness.grid.run_grid`).
         dashboard: start the Ray dashboard with a local instance (its URL is printed).
         train_fn, fresh_workers: the trial seam (:class:`harness.ray_backend.RayLauncher`).
@@ -297,42 +302,50 @@ def run_study(spec: TuneSpec | str | Path, *, out_dir: str | Path, address: str 
     _check_pruning(spec, base)
     res = spec.trial_resources
     budget = spec.budget(n_trials)
+    say = view.line_printer(console)
     storage = spec.search.storage or f"sqlite:///{out / 'study.db'}"
     preflight(tracking_uri=tracking_uri, out=out, storage=storage)
-    with cluster(address=address, resources=res, out=out, dashboard=dashboard) as connection:
+    with claim_out(out, command=f"ddsm-bench tune {spec.source}", say=say), \
+            cluster(address=address, resources=res, out=out, dashboard=dashboard) as connection:
         name = spec.study_name
         study = open_study(spec, storage=storage, study_name=name, rung_step=base.train.val_every,
                            total_steps=base.train.steps)
-        recorder = open_recorder(tracking_uri=tracking_uri, out=out, experiment=spec.experiment,
+        recorder = open_recorder(tracking_uri=tracking_uri, out=out, experiment=spec.experiment, say=say,
+                                 outage_s=spec.tracking_outage_s if tracking_outage_s is None else tracking_outage_s,
                                  artifact_location=artifact_location)
         print_where_to_look(recorder, connection, console=console, storage=storage,
                             artifact_location=artifact_location)
-        sha = git_sha()
-        search = spec.search
-        log = view.StudyLog(console)
-        if spec.leaks:
-            log.line(spec.split_note())
-        parent = recorder.start_parent(
-            key=hashlib.sha256(f"{storage}|{name}".encode()).hexdigest()[:12], name=name,
-            tags={Tag.MODE: "tune", Tag.STUDY: name, Tag.STORAGE: redact(storage), Tag.SPEC: spec.source,
-                  Tag.GIT_SHA: sha, Tag.SMOKE: spec.mode.smoke, **study_split_tags(spec)},
-            params={"objectives": search.metrics, "directions": search.directions, "sampler": search.sampler,
-                    "pruner": search.pruner if search.pruning else "none",
-                    "space": {p.name: p.describe() for p in search.params}})
-        limit = max_concurrent or search.concurrency or default_concurrency(res)
-        policy = StudyPolicy(spec=spec, book=StudyBook(study), recorder=recorder, parent=parent, out=out, sha=sha,
-                             budget=budget, limit=limit, log=log,
-                             fail_once=os.environ.get(FAIL_ONCE_ENV))
-        interrupted = run_policy(policy, resources=res, recorder=recorder, console=policy.log, limit=limit,
-                                 train_fn=train_fn, fresh_workers=fresh_workers)
-        outputs = write_outputs(study, spec, out)
-        recorder.end_run(parent, status="KILLED" if interrupted else "FINISHED",
-                         tags={Tag.N_FINISHED: count_finished(study)},
-                         artifacts=[(p, "study") for p in outputs.values()])
+        stop = None
+        try:
+            sha = git_sha()
+            search = spec.search
+            log = view.StudyLog(console)
+            if spec.leaks:
+                log.line(spec.split_note())
+            parent = recorder.start_parent(
+                key=hashlib.sha256(f"{storage}|{name}".encode()).hexdigest()[:12], name=name,
+                tags={Tag.MODE: "tune", Tag.STUDY: name, Tag.STORAGE: redact(storage), Tag.SPEC: spec.source,
+                      Tag.GIT_SHA: sha, Tag.SMOKE: spec.mode.smoke, **study_split_tags(spec)},
+                params={"objectives": search.metrics, "directions": search.directions, "sampler": search.sampler,
+                        "pruner": search.pruner if search.pruning else "none",
+                        "space": {p.name: p.describe() for p in search.params}})
+            limit = max_concurrent or search.concurrency or default_concurrency(res)
+            policy = StudyPolicy(spec=spec, book=StudyBook(study), recorder=recorder, parent=parent, out=out,
+                                 sha=sha, budget=budget, limit=limit, log=log,
+                                 fail_once=os.environ.get(FAIL_ONCE_ENV))
+            stop = run_policy(policy, resources=res, recorder=recorder, console=policy.log, limit=limit,
+                              train_fn=train_fn, fresh_workers=fresh_workers)
+            outputs = write_outputs(study, spec, out)
+            recorder.end_run(parent, status="KILLED" if stop else "FINISHED",
+                             tags={Tag.N_FINISHED: count_finished(study)},
+                             artifacts=[(p, "study") for p in outputs.values()])
+        finally:
+            journaled = close_recorder(recorder, stop)
         result = StudySummary(spec=spec, out_dir=out, study_name=name, storage=storage,
                               tracking_uri=recorder.tracking_uri, experiment_id=recorder.experiment_id,
-                              parent_run_id=parent, states=states(study),
-                              finished=count_finished(study), budget=budget, outputs=outputs, interrupted=interrupted)
+                              parent_run_id=parent, states=states(study), finished=count_finished(study),
+                              budget=budget, outputs=outputs, interrupted=bool(stop), stop_reason=stop.reason,
+                              stop_message=stop.message, journaled=journaled)
         view.print_study_summary(result, summary(study, spec)["best"], console)
         return result
 

@@ -57,9 +57,9 @@ from typing import Any
 from ddsm.config import ConfigError, TrialConfig
 from ddsm.metrics.catalogue import is_accuracy, metric_names
 from harness import optuna_study
-from harness.spec import (SMOKE_OVERRIDES, SPEC_KEYS, Mode, Resources, SpecError, baselines_section, field_type,
-                          flatten, parse_common, read_spec_file, resolve_config, seed_list, trial_resources, typed,
-                          yaml_number)
+from harness.spec import (DEFAULT_RETRY_ON, DEFAULT_TRACKING_OUTAGE_S, SMOKE_OVERRIDES, SPEC_KEYS, Mode, Resources,
+                          SpecError, baselines_section, field_type, flatten, parse_common, read_spec_file,
+                          resolve_config, seed_list, trial_resources, typed, yaml_number)
 
 __all__ = ["Objective", "Param", "SearchSpace", "TUNE_SMOKE_OVERRIDES", "TuneSpec", "load_tune_spec",
            "parse_search", "parse_tune_spec"]
@@ -185,7 +185,8 @@ class TuneSpec:
     seed: int = 0  # every trial's train.seed
     resources: Resources = field(default_factory=Resources)
     max_failures: int = 1  # kept for the exported best spec
-    retry_on: list[str] = field(default_factory=lambda: ["oom", "error", "killed"])
+    retry_on: list[str] = field(default_factory=lambda: list(DEFAULT_RETRY_ON))
+    tracking_outage_s: float = DEFAULT_TRACKING_OUTAGE_S
     smoke: dict[str, Any] = field(default_factory=dict)  # dotted overrides applied by --smoke
     smoke_resources: dict[str, Any] = field(default_factory=dict)
     description: str = ""

@@ -3,14 +3,17 @@
 :func:`run_trial` trains a :class:`~harness.driver.TrialPayload` with the engine in the cell folder
 (resuming from its last checkpoint), sends progress to the driver through an :class:`EventSink`
 (an engine Callback), and returns a :class:`~harness.driver.TrialOutcome`; it never raises for a
-training failure (the failure is classified: oom, nan, error, killed). :data:`CELL_ARTIFACTS` is
-the one list of files a finished or failed trial uploads.
+training failure (the failure is classified, :data:`ddsm.engine.failures.FAILURE_CLASSES`). Its
+last event is always ``end`` (status and failure class): a driver that asked the trial to stop
+(SIGINT from ``ray.cancel(force=False)``: the engine checkpoints after its current step) waits for
+it. :data:`CELL_ARTIFACTS` is the one list of files a finished or failed trial uploads.
 
 Cell folder: the engine's outputs (config.yaml, metrics.json, per_class_iou.csv, confusion.csv,
-checkpoints/) plus ``attempts.jsonl`` (one line per launch), ``train.log`` (this process's output),
-``result.json`` (written when the attempt finished) and ``failure.rank<r>.json`` (when it failed).
-Each line of ``attempts.jsonl`` says where the attempt ran: host, Ray node id, GPU ids and UUIDs,
-``CUDA_VISIBLE_DEVICES``, and for DDP every rank's (``workers``).
+checkpoints/) plus ``attempts.jsonl`` (one line per launch), ``outcomes.jsonl`` (one line per
+attempt's end, written by the driver: status, failure class, node id, error), ``train.log`` (this
+process's output), ``result.json`` (written when the attempt finished) and ``failure.rank<r>.json``
+(when it failed). Each line of ``attempts.jsonl`` says where the attempt ran: host, pid, Ray node id,
+GPU ids and UUIDs, ``CUDA_VISIBLE_DEVICES``, whether it resumed, and for DDP every rank's (``workers``).
 
 Test hook: ``DDSM_BENCH_FAIL_ONCE=<class>:<dir>`` (read by the driver, passed in the payload) makes
 every trial fail its first launch with that failure class (error, nan, oom, killed), using
@@ -30,15 +33,16 @@ from typing import Any
 
 from ddsm.config import from_dict
 from ddsm.engine.callbacks import Callback, scalar_metrics
-from harness.driver import RESULT_FILE, Event, TrialOutcome, TrialPayload, write_json
+from harness.driver import RESULT_FILE, Event, TrialOutcome, TrialPayload, append_jsonl, write_json
 
 __all__ = ["CELL_ARTIFACTS", "FAIL_ONCE_ENV", "EventSink", "cell_artifacts", "placement_info", "root_cause",
            "run_trial"]
 
 FAIL_ONCE_ENV = "DDSM_BENCH_FAIL_ONCE"
 # Uploaded with every trial's tracking run, where they exist (the checkpoint only on request).
-CELL_ARTIFACTS = ("config.yaml", "metrics.json", "per_class_iou.csv", "confusion.csv", "attempts.jsonl", "train.log",
-                  "evaluations.jsonl", "eval.log", "error.txt")
+CELL_ARTIFACTS = ("config.yaml", "metrics.json", "per_class_iou.csv", "confusion.csv", "attempts.jsonl",
+                  "outcomes.jsonl", "train.log", "evaluations.jsonl", "eval.log", "error.txt")
+OUTCOMES_FILE = "outcomes.jsonl"
 
 
 def cell_artifacts(cell_dir: str | Path, *, checkpoint: bool = False) -> list[tuple[Path, str | None]]:
@@ -83,9 +87,9 @@ def run_trial(payload: TrialPayload, queue: Any | None, *, rank: int = 0, rerais
     device = _device_name(cfg.train.device)
     where = {"host": socket.gethostname(), **(placement or {})}
     if rank == 0:
-        _append_json(cell_dir / ("evaluations.jsonl" if evaluating else "attempts.jsonl"), {
+        append_jsonl(cell_dir / ("evaluations.jsonl" if evaluating else "attempts.jsonl"), {
             "attempt": payload.attempt, "time": time.time(), "pid": os.getpid(),
-            "resumed": (cell_dir / "checkpoints" / "last.pt").is_file(), "device": device,
+            "resumed": any((cell_dir / "checkpoints").glob("*.pt")), "device": device,
             "eval_hash": payload.eval_hash, **where})
     sink = EventSink(queue, key=payload.key, attempt=payload.attempt) if queue is not None else None
     if sink is not None:
@@ -102,6 +106,8 @@ def run_trial(payload: TrialPayload, queue: Any | None, *, rank: int = 0, rerais
         record = {"failure_class": classify_failure(e), "error": f"{type(e).__name__}: {e}",
                   "traceback": traceback.format_exc(), "rank": rank}
         write_json(cell_dir / f"failure.rank{rank}.json", record)
+        if sink is not None:
+            sink.send("end", 0, {}, info={"status": "failed", "failure_class": record["failure_class"]})
         if reraise:
             raise
         return _failed(record)
@@ -109,6 +115,8 @@ def run_trial(payload: TrialPayload, queue: Any | None, *, rank: int = 0, rerais
     if rank == 0:
         write_json(cell_dir / RESULT_FILE, {"cell_hash": payload.cell_hash, "eval_hash": payload.eval_hash,
                                             "metrics": final})
+    if sink is not None:
+        sink.send("end", int(final.get("step", 0)), {}, info={"status": "finished", "failure_class": ""})
     return TrialOutcome(status="finished", metrics=final)
 
 
@@ -171,6 +179,11 @@ class EventSink(Callback):
         """A checkpoint is on disk."""
         self.send("checkpoint", step, {})
 
+    def on_resume(self, step: int, path: Path | None, damaged: list[str]) -> None:
+        """Where the attempt resumes from, and the damaged checkpoints set aside (recorded in the tracking run)."""
+        where = f"{path} (step {step})" if path is not None else "step 0 (no intact checkpoint)"
+        self.send("resume", step, {}, info={"path": where, "damaged": " | ".join(damaged)})
+
 
 def _maybe_fail_once(payload: TrialPayload, *, rank: int) -> None:
     """The DDSM_BENCH_FAIL_ONCE test hook: fail the first launch of each trial with the given class."""
@@ -207,8 +220,3 @@ def _redirect_output(path: Path) -> None:
     sys.stdout.flush(), sys.stderr.flush()
     os.dup2(fd, 1), os.dup2(fd, 2)
     os.close(fd)
-
-
-def _append_json(path: Path, obj: Any) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(obj) + "\n")

@@ -22,7 +22,7 @@ import pandas as pd
 
 from ddsm.config import ConfigError
 from reports import figures, render, tables
-from reports.load import cell_status, metric_names, resolve_baseline
+from reports.load import CELL_STATES, cell_status, metric_names, resolve_baseline
 from reports.stats import METHODS
 
 __all__ = ["write_report"]
@@ -126,7 +126,7 @@ def _report_markdown(prov: dict[str, Any], status: pd.DataFrame, all_tables: lis
                      figs: dict[str, Path]) -> str:
     title = f"# Report: {prov.get('spec') or prov.get('experiment') or 'ablation grid'}"
     counts = status["state"].value_counts()
-    summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("finished", "failed", "running", "missing"))
+    summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in CELL_STATES)
     parts = [title, "", "## Provenance", "", *(f"- {line}" for line in render.provenance_lines(prov)), "",
              f"## Runs per cell ({len(status)} cells: {summary})", "", render.cell_status_markdown(status),
              "## Tables", ""]

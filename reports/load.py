@@ -4,7 +4,9 @@ Everything in ``reports/`` starts from this frame, so a report can be built from
 fill it (``harness/mlflow_io.py`` reads MLflow; tests build it by hand). Columns:
 
 * run fields (:data:`RUN_COLUMNS`): ``run_id``, ``parent_run_id``, ``experiment_id``, ``experiment``,
-  ``run_name``, ``status`` (``FINISHED`` / ``FAILED`` / ``KILLED`` / ``RUNNING`` / ``SCHEDULED``),
+  ``run_name``, ``status`` (``FINISHED`` / ``FAILED`` / ``KILLED`` / ``RUNNING`` / ``SCHEDULED``, or
+  ``INTERRUPTED``: a run its driver stopped (Ctrl-C, a lost store or cluster), or one left RUNNING by a
+  driver that is gone, see :func:`harness.mlflow_io.load_runs`),
   ``start_time`` (ms since the epoch), ``variant`` (the cell without its seed), ``seed``,
   ``cell_hash``, ``failure_class`` (``oom`` / ``nan`` / ``error`` / ``killed``; empty or ``none`` when it
   finished), ``failures`` (classes of earlier failed attempts in the same run, comma-joined),
@@ -28,7 +30,8 @@ from ddsm.config import ConfigError
 from ddsm.metrics.catalogue import bf_metrics, class_metrics, tolerance_of  # the metric facts live there
 
 __all__ = [
-    "FAILED_STATUSES", "FINISHED", "RUN_COLUMNS", "bf_metrics", "cell_status", "class_metrics",
+    "CELL_STATES", "FAILED_STATUSES", "FINISHED", "INTERRUPTED", "RUN_COLUMNS", "bf_metrics", "cell_status",
+    "class_metrics",
     "coerce_param", "config_fields", "finished_values", "metric_names", "resolve_baseline",
     "runs_frame", "seed_counts", "select_attempts", "tidy_frame", "tolerance_of", "varying_fields", "with_variant",
 ]
@@ -37,7 +40,9 @@ RUN_COLUMNS = ["run_id", "parent_run_id", "experiment_id", "experiment", "run_na
                "variant", "seed", "cell_hash", "failure_class", "failures", "attempts", "baseline", "git_sha",
                "device", "torch"]
 FINISHED = "FINISHED"
+INTERRUPTED = "INTERRUPTED"
 FAILED_STATUSES = ("FAILED", "KILLED")
+CELL_STATES = ("finished", "failed", "interrupted", "running", "missing")  # cell_status()["state"]
 SEED_FIELD = "train.seed"
 
 
@@ -141,13 +146,15 @@ def select_attempts(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _state(status: pd.Series) -> np.ndarray:
-    """FINISHED -> finished, FAILED/KILLED -> failed, anything else (RUNNING, SCHEDULED) -> running."""
-    return np.select([status.eq(FINISHED), status.isin(FAILED_STATUSES)], ["finished", "failed"], "running")
+    """FINISHED -> finished, INTERRUPTED -> interrupted, FAILED/KILLED -> failed, anything else (RUNNING,
+    SCHEDULED) -> running."""
+    return np.select([status.eq(FINISHED), status.eq(INTERRUPTED), status.isin(FAILED_STATUSES)],
+                     ["finished", "interrupted", "failed"], "running")
 
 
 def cell_status(df: pd.DataFrame, *, seeds: Iterable[int] | None = None,
                 expected: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Every expected (variant, seed) cell with its ``state``: finished, failed, running or missing.
+    """Every expected (variant, seed) cell with its ``state``: finished, failed, interrupted, running or missing.
 
     Args:
         df: the tidy frame.
@@ -177,10 +184,10 @@ def cell_status(df: pd.DataFrame, *, seeds: Iterable[int] | None = None,
 
 
 def seed_counts(status: pd.DataFrame) -> pd.DataFrame:
-    """Per variant: ``n_expected``, ``n_finished``, ``n_failed``, ``n_running``, ``n_missing`` and the
-    failure classes seen (``failures``, comma-joined), from :func:`cell_status`."""
+    """Per variant: ``n_expected``, ``n_finished``, ``n_failed``, ``n_interrupted``, ``n_running``, ``n_missing``
+    and the failure classes seen (``failures``, comma-joined), from :func:`cell_status`."""
     counts = (pd.crosstab(status["variant"], status["state"])  # (variants, states)
-              .reindex(columns=["finished", "failed", "running", "missing"], fill_value=0)
+              .reindex(columns=list(CELL_STATES), fill_value=0)
               .add_prefix("n_"))
     failures = (status[status["state"].eq("failed")].groupby("variant")["failure_class"]
                 .agg(lambda s: ",".join(sorted({c for c in s if c}))))

@@ -71,6 +71,8 @@ def seeds_text(row: pd.Series) -> str:
     extra = []
     if row["n_failed"]:
         extra.append(f"{row['n_failed']} failed" + (f": {row['failures']}" if row["failures"] else ""))
+    if row.get("n_interrupted", 0):
+        extra.append(f"{row['n_interrupted']} interrupted")
     if row["n_running"]:
         extra.append(f"{row['n_running']} running")
     if row["n_missing"]:
@@ -191,7 +193,8 @@ def _units_note(table: Table) -> str:
 
 
 def cell_status_markdown(status: pd.DataFrame) -> str:
-    """Variants x seeds: ``ok``, ``failed (oom)``, ``running``, ``missing``; retries add ``, 2 attempts (oom)``."""
+    """Variants x seeds: ``ok``, ``failed (oom)``, ``interrupted``, ``running``, ``missing``; retries add
+    ``, 2 attempts (oom)``."""
     text = status.assign(text=[
         ("ok" if st == "finished" else st) + (f" ({fc})" if fc and st == "failed" else "")
         + (f", {a} attempts" if a > 1 else "") + (f" ({fs})" if fs and a > 1 and st == "finished" else "")
@@ -249,7 +252,7 @@ def to_csv(table: Table, *, provenance: dict[str, Any] | None = None) -> str:
     wide = table.cells.pivot(index="variant", columns="metric", values=stats)  # (variants, stats x metrics)
     wide.columns = [f"{m}_{s}" for s, m in wide.columns]
     order = [f"{m}_{s}" for m in table.metrics for s in stats]
-    counts = ["n_expected", "n_finished", "n_failed", "n_running", "n_missing", "failures"]
+    counts = ["n_expected", "n_finished", "n_failed", "n_interrupted", "n_running", "n_missing", "failures"]
     frame = table.rows[[*table.fields, *counts]].join(wide[order]).rename_axis("variant").reset_index()
     head = "".join(f"# {line}\n" for line in [*provenance_lines(provenance or {}), table.title])
     return head + frame.to_csv(index=False)

@@ -1,6 +1,7 @@
 """Callbacks: everything the training loop does that is not training (logging, reporting, tracking).
 
-The loop calls, in this order of a run: ``on_train_step`` every ``train.log_every`` steps (and at
+The loop calls, in this order of a run: ``on_resume`` before continuing from a checkpoint (or after
+setting damaged ones aside), ``on_train_step`` every ``train.log_every`` steps (and at
 the last step) with window-averaged train metrics, ``on_eval`` after every validation with all
 validation metrics, ``on_checkpoint`` after every checkpoint is on disk, and ``on_end`` once with
 the final metrics. Callbacks run on rank 0 only unless they set ``rank_zero_only = False`` (for
@@ -37,6 +38,10 @@ class Callback:
     def on_checkpoint(self, step: int, path: Path) -> None:
         """After the checkpoint of update ``step`` was written to ``path``."""
 
+    def on_resume(self, step: int, path: Path | None, damaged: list[str]) -> None:
+        """Before training resumes from the checkpoint of update ``step`` at ``path`` (None: from step 0
+        because no intact checkpoint is left); ``damaged``: one line per checkpoint set aside as damaged."""
+
     def on_end(self, metrics: dict) -> None:
         """Once, with the final metrics (the content of ``metrics.json``)."""
 
@@ -61,6 +66,11 @@ class CallbackList(Callback):
         """Forward to every callback."""
         for c in self.callbacks:
             c.on_checkpoint(step, path)
+
+    def on_resume(self, step: int, path: Path | None, damaged: list[str]) -> None:
+        """Forward to every callback."""
+        for c in self.callbacks:
+            c.on_resume(step, path, damaged)
 
     def on_end(self, metrics: dict) -> None:
         """Forward to every callback."""

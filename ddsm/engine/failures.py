@@ -1,8 +1,12 @@
-"""Why a trial stopped: the failure classes the harness records (``oom``, ``nan``, ``config``, ``error``,
-``killed``), in the order a root cause wins over its echoes (one DDP rank's OOM makes the others fail).
+"""Why a trial stopped: the failure classes the harness records, and how a training stops on a signal.
 
-``config`` is a :class:`ddsm.config.ConfigError` raised inside a trial (a value, file or checkpoint the
-driver could not check): deterministic, so the harness never retries it.
+The classes (:data:`FAILURE_CLASSES`, the one vocabulary; spec ``retry_on`` lists some of them):
+``oom`` out of memory, ``nan`` the loss diverged, ``config`` a :class:`ddsm.config.ConfigError` raised
+inside a trial (a value, file or checkpoint the driver could not check: deterministic, so the harness
+never retries it, :data:`NEVER_RETRIED`), ``error`` anything else raised by the trial, ``killed`` the
+trial's process was stopped or died (signal, crashed worker, cancelled), and ``node_lost`` the machine
+(Ray node) running it went away. The order is the order of precedence when the ranks of one
+distributed trial report different classes (the root cause first).
 """
 from __future__ import annotations
 
@@ -15,10 +19,10 @@ import torch
 
 from ddsm.config import ConfigError
 
-__all__ = ["FAILURE_CLASSES", "NEVER_RETRIED", "TrainingDiverged", "TrialKilled", "classify_failure",
-           "sigterm_as_exception"]
+__all__ = ["FAILURE_CLASSES", "NEVER_RETRIED", "GracefulStop", "TrainingDiverged", "TrialKilled",
+           "classify_failure", "graceful_stop"]
 
-FAILURE_CLASSES = ("oom", "nan", "config", "error", "killed")
+FAILURE_CLASSES = ("oom", "nan", "config", "error", "killed", "node_lost")
 NEVER_RETRIED = ("config",)  # the same attempt fails the same way
 
 
@@ -34,7 +38,7 @@ class TrainingDiverged(RuntimeError):
 
 
 class TrialKilled(RuntimeError):
-    """The process received SIGTERM while training (see :func:`sigterm_as_exception`)."""
+    """The process received SIGTERM/SIGINT while training (see :func:`graceful_stop`)."""
 
     failure_class = "killed"
 
@@ -66,22 +70,42 @@ def classify_failure(exc: BaseException) -> str:
     return "error"
 
 
-@contextmanager
-def sigterm_as_exception() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`TrialKilled` (so the run is recorded as ``killed``).
+class GracefulStop:
+    """What :func:`graceful_stop` yields: ``requested`` is the first signal received (None: keep going)."""
 
-    Only installed from the main thread and only over the default handler, so a host process
-    (Ray, a scheduler) that handles SIGTERM itself keeps doing so.
+    def __init__(self) -> None:
+        self.requested: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.requested is not None
+
+
+@contextmanager
+def graceful_stop(*, graceful: bool = True) -> Iterator[GracefulStop]:
+    """Within the block, the first SIGTERM or SIGINT only asks to stop (the training loop checkpoints at
+    the end of its current step and raises :class:`TrialKilled`); a second one raises TrialKilled at once,
+    and so does the first when not ``graceful`` (a distributed run, whose ranks must stop together).
+
+    Ray's ``ray.cancel(force=False)`` arrives as SIGINT, a scheduler's preemption as SIGTERM. Installed
+    from the main thread only, and only over Python's default handlers, so a host process that handles
+    a signal itself (Ray's SIGTERM handler in its workers) keeps doing so.
     """
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield
+    stop = GracefulStop()
+    defaults = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
         return
+    mine = [s for s, default in defaults.items() if signal.getsignal(s) == default]
 
     def handler(signum: int, frame: object) -> None:
-        raise TrialKilled("received SIGTERM")
+        if stop or not graceful:
+            raise TrialKilled(f"received {signal.Signals(signum).name}" + (" twice" if stop else ""))
+        stop.requested = signum
 
-    signal.signal(signal.SIGTERM, handler)
+    for s in mine:
+        signal.signal(s, handler)
     try:
-        yield
+        yield stop
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for s in mine:
+            signal.signal(s, defaults[s])

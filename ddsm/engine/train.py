@@ -26,6 +26,8 @@ import json
 import math
 import os
 import random
+import signal
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -40,9 +42,9 @@ from torch.utils.data import DataLoader
 
 from ddsm.config import ConfigError, TrialConfig, save_config, to_dict
 from ddsm.engine.callbacks import Callback, CallbackList
-from ddsm.engine.checkpoint import capture_rng, last_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from ddsm.engine.checkpoint import Resume, capture_rng, clean_partial_writes, find_resume, restore_rng, save_checkpoint
 from ddsm.engine.evaluate import distributed_context, evaluate, to_jsonable
-from ddsm.engine.failures import TrainingDiverged, classify_failure, sigterm_as_exception
+from ddsm.engine.failures import GracefulStop, TrainingDiverged, TrialKilled, classify_failure, graceful_stop
 from ddsm.engine.loss import total_loss
 from ddsm.engine.sampler import StepSampler
 from ddsm.engine.schedule import build_scheduler
@@ -209,8 +211,11 @@ class _Window:
 def train(cfg: TrialConfig, *, out_dir: str | Path, callbacks: Sequence[Callback] = (), resume: bool = True) -> dict:
     """Train and evaluate one trial; return the final metrics (also written to ``out_dir/metrics.json``).
 
-    Resumes from ``out_dir/checkpoints/last.pt`` when ``resume`` and it exists; the continued run is
-    identical to an uninterrupted one on CPU. When a ``torch.distributed`` process group is already
+    Resumes from the newest intact checkpoint in ``out_dir/checkpoints`` when ``resume`` (a damaged one
+    is set aside and said so, see :func:`ddsm.engine.checkpoint.find_resume`); the continued run is
+    identical to an uninterrupted one on CPU. A first SIGTERM/SIGINT ends the current step, writes a
+    checkpoint and raises :class:`TrialKilled` (a second one, or any signal in a distributed run, raises
+    it at once). When a ``torch.distributed`` process group is already
     initialised, the model is wrapped in DDP, the data is sharded per rank and only rank 0 writes.
 
     Raises:
@@ -229,9 +234,10 @@ def train(cfg: TrialConfig, *, out_dir: str | Path, callbacks: Sequence[Callback
     cbs = CallbackList(callbacks, rank=rank)
     state = {"step": 0}
     try:
-        with _deterministic(device.type == "cpu"), intra_op_threads(cfg.train.threads), sigterm_as_exception():
+        with (_deterministic(device.type == "cpu"), intra_op_threads(cfg.train.threads),
+              graceful_stop(graceful=world_size == 1) as stop):
             return _run(cfg, out_dir=out_dir, cbs=cbs, resume=resume, device=device, rank=rank,
-                        world_size=world_size, state=state)
+                        world_size=world_size, state=state, stop=stop)
     except BaseException as e:
         if rank == 0:
             step = e.iteration - 1 if isinstance(e, TrainingDiverged) else state["step"]  # updates done before it
@@ -241,7 +247,7 @@ def train(cfg: TrialConfig, *, out_dir: str | Path, callbacks: Sequence[Callback
 
 
 def _run(cfg: TrialConfig, *, out_dir: Path, cbs: CallbackList, resume: bool, device: torch.device, rank: int,
-         world_size: int, state: dict) -> dict:
+         world_size: int, state: dict, stop: GracefulStop) -> dict:
     """The body of :func:`train` (``state["step"]`` tracks progress for the failure record)."""
     from ddsm.data import dataset_info
 
@@ -255,18 +261,25 @@ def _run(cfg: TrialConfig, *, out_dir: Path, cbs: CallbackList, resume: bool, de
     dtype = amp_dtype(t.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    ckpt_path = last_checkpoint(out_dir) if resume else None
-    if ckpt_path is not None:
-        step = _restore(ckpt_path, cfg, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                        device=device)
+    found = _resume_point(ckpt_dir, resume=resume, rank=rank, device=device, cbs=cbs)
+    ckpt_path = found.path
+    if found.state is not None:
+        step = _restore(found.state, found.path, cfg, model=model, optimizer=optimizer, scheduler=scheduler,
+                        scaler=scaler)
     else:
         step = 0
-        if rank == 0:
+        if rank == 0 and not resume:  # asked to start over: the old run's checkpoints must not be resumed later
             for stale in ckpt_dir.glob("step_*.pt"):
                 stale.unlink()
     state["step"] = step
+    prior_time = float(found.state.get("train_time_s", 0.0)) if found.state is not None else 0.0
+    start_time: float | None = None  # set when the loop starts
 
     saved_step = step if ckpt_path is not None else -1
+
+    def elapsed() -> float:
+        """Training time of the steps done so far, over every attempt (the checkpoint carries it)."""
+        return prior_time + (time.perf_counter() - start_time if start_time is not None else 0.0)
 
     def checkpoint() -> None:
         nonlocal saved_step
@@ -276,7 +289,8 @@ def _run(cfg: TrialConfig, *, out_dir: Path, cbs: CallbackList, resume: bool, de
             net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
             path = save_checkpoint(ckpt_dir, {
                 "step": step, "config": to_dict(cfg), "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": capture_rng()})
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": capture_rng(),
+                "train_time_s": elapsed()})
         if world_size > 1:
             dist.barrier()
         cbs.on_checkpoint(step, path)
@@ -315,7 +329,11 @@ def _run(cfg: TrialConfig, *, out_dir: Path, cbs: CallbackList, resume: bool, de
             checkpoint()
         if val:
             cbs.on_eval(step, _validate(model, cfg, device=device))
-    train_time = time.perf_counter() - start_time
+        if stop and step < t.steps:  # SIGTERM/SIGINT: keep this step's work, then stop
+            if step != saved_step:
+                checkpoint()
+            raise TrialKilled(f"stopped by {signal.Signals(stop.requested).name} at step {step} (checkpoint written)")
+    train_time = elapsed()
     if step != saved_step:
         checkpoint()
     metrics = _validate(model, cfg, device=device)
@@ -365,10 +383,27 @@ def _update(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, opt
     return {k: v.detach() for k, v in losses.items()}
 
 
-def _restore(path: Path, cfg: TrialConfig, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: Any, scaler: torch.amp.GradScaler, device: torch.device) -> int:
-    """Load a checkpoint into the (unwrapped) model and the optimiser state; return its step."""
-    ckpt = load_checkpoint(path, map_location=device)
+def _resume_point(ckpt_dir: Path, *, resume: bool, rank: int, device: torch.device, cbs: CallbackList) -> Resume:
+    """Clean partial writes, find the newest intact checkpoint (when ``resume``), say what was set aside."""
+    if rank == 0:
+        for tmp in clean_partial_writes(ckpt_dir):
+            print(f"[ddsm] removed {tmp}: a checkpoint write cut short by an earlier kill", file=sys.stderr)
+    if not resume:
+        return Resume(state=None, path=None)
+    found = find_resume(ckpt_dir, map_location=device, quarantine=rank == 0)
+    for line in found.damaged:
+        print(f"[ddsm] {line}: set aside as <name>.damaged", file=sys.stderr)
+    if found.damaged:
+        where = f"{found.path} (step {found.step})" if found.path else "step 0 (no intact checkpoint left)"
+        print(f"[ddsm] resuming from {where}", file=sys.stderr)
+    if found.path is not None or found.damaged:
+        cbs.on_resume(found.step, found.path, found.damaged)
+    return found
+
+
+def _restore(ckpt: dict[str, Any], path: Path, cfg: TrialConfig, *, model: nn.Module,
+             optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler) -> int:
+    """Load a verified checkpoint (read from ``path``) into the (unwrapped) model and the optimiser; return its step."""
     saved, current = ckpt["config"].get("model", {}), to_dict(cfg.model)
     changed = [k for k in current if saved.get(k) != current[k]]
     if changed:

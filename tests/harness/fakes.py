@@ -9,6 +9,7 @@ metrics). Both call ``hook(name)`` before every method, so a test can interrupt 
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,8 @@ def default_script(payload: TrialPayload, *, steps: int = 4, val_every: int = 2,
     """start, a train event per step, an eval every ``val_every``, a checkpoint, then finished metrics."""
     miou = score(payload) if score else (int(payload.cell_hash[:4], 16) % 1000) / 1000 if payload.cell_hash else 0.5
     ev = dict(key=payload.key, attempt=payload.attempt)
-    script: list[Step] = [Event(kind="start", step=0, info={"device": "cpu", "torch": "fake", "host": "here"}, **ev)]
+    script: list[Step] = [Event(kind="start", step=0, info={"device": "cpu", "torch": "fake", "host": "here",
+                                                            "node_id": "node-a"}, **ev)]
     for s in range(1, steps + 1):
         script.append(Event(kind="train", step=s, metrics={"loss": 1.0 / s}, **ev))
         if s % val_every == 0 and s < steps:
@@ -53,6 +55,8 @@ class FakeLauncher:
         self.submitted: list[TrialPayload] = []
         self.cancelled: list[TrialPayload] = []
         self.queue: list[Event] = []
+        self.stopped: list[TrialPayload] = []
+        self.lost_reason: str | None = None  # set to simulate a lost cluster
         self.closed = False
 
     def submit(self, payload: TrialPayload) -> int:
@@ -100,6 +104,22 @@ class FakeLauncher:
         if self.live.pop(handle, None) is not None:
             self.cancelled.append(self.payloads[handle])
 
+    def stop(self, handle: int) -> None:
+        """The attempt checkpoints, sends its end event and fails ``killed`` (as a trial asked to stop does)."""
+        self.hook("stop")
+        if self.live.pop(handle, None) is None:
+            return
+        p = self.payloads[handle]
+        self.stopped.append(p)
+        ev = dict(key=p.key, attempt=p.attempt)
+        self.queue += [Event(kind="checkpoint", step=0, **ev),
+                       Event(kind="end", step=0, info={"status": "failed", "failure_class": "killed"}, **ev)]
+        self.outcomes[handle] = TrialOutcome(status="failed", failure_class="killed", error="stopped")
+
+    def lost(self) -> str | None:
+        self.hook("lost")
+        return self.lost_reason
+
     def close(self) -> None:
         self.closed = True
 
@@ -138,8 +158,10 @@ class MemoryRecorder:
 
     def __init__(self, hook: Callable[[str], None] | None = None) -> None:
         self.hook = hook or (lambda name: None)
+        self.lost_reason: str | None = None  # set to simulate a store gone past its outage limit
         self.runs: dict[str, Run] = {}
         self._buffer: list[tuple[str, str, float, int]] = []
+        self._high: dict[str, dict[str, int]] = {}  # run -> key -> latest step (points at older steps are skipped)
 
     def _new(self, name: str, tags: dict[str, Any]) -> Run:
         run = Run(run_id=f"r{len(self.runs)}", name=name, tags=_str(tags))
@@ -174,6 +196,9 @@ class MemoryRecorder:
         if reuse:
             run = self.runs[reuse]
             run.status = "RUNNING"
+            self._high[reuse] = {}
+            for k, _, step in run.metrics:
+                self._high[reuse][k] = max(step, self._high[reuse].get(k, -1))
         else:
             run = self._new(name, {"mlflow.parentRunId": parent_id})
         run.params.update(_str(params))
@@ -192,11 +217,22 @@ class MemoryRecorder:
         self.hook("log_artifact")
         self.runs[run_id].artifacts.append(Path(path).name)
 
+    def log_points(self, run_id: str, points: list[tuple[str, float, int, int]]) -> None:
+        self.hook("log_points")
+        self._keep(run_id, [(k, float(v), int(step)) for k, v, _, step in points])
+
     def flush(self) -> None:
         self.hook("flush")
         buffer, self._buffer = self._buffer, []
         for run_id, k, v, step in buffer:
-            self.runs[run_id].metrics.append((k, v, step))
+            self._keep(run_id, [(k, v, step)])
+
+    def _keep(self, run_id: str, points: list[tuple[str, float, int]]) -> None:
+        high = self._high.setdefault(run_id, {})
+        for k, v, step in points:
+            if step > high.get(k, -1):
+                self.runs[run_id].metrics.append((k, v, step))
+                high[k] = step
 
     def end_run(self, run_id: str, *, status: str, tags: dict[str, Any] | None = None,
                 artifacts: list[tuple[Path, str | None]] = ()) -> None:
@@ -207,6 +243,10 @@ class MemoryRecorder:
         run.tags.update(_str(tags or {}))
         run.artifacts += [Path(p).name for p, _ in artifacts if Path(p).is_file()]
         run.status = status
+
+    def problem(self) -> str | None:
+        self.hook("problem")
+        return self.lost_reason
 
     def final_metrics(self, run_id: str) -> dict[str, float]:
         self.hook("final_metrics")
@@ -228,6 +268,24 @@ class MemoryRecorder:
         for r in self.children():
             out.setdefault(r.tags["cell_hash"], []).append(r)
         return out
+
+
+
+class NoConsole:
+    """A driver console that shows nothing (driver-logic tests)."""
+
+    def refresh(self) -> None:
+        """Nothing to redraw."""
+
+
+def wait_for(what: Callable[[], bool], *, proc: Any, timeout: float, log: Path) -> None:
+    """Poll ``what()`` every 0.5 s; fail with the tail of ``log`` when the driver ``proc`` (a Popen) exits or
+    ``timeout`` seconds pass first (the live fault tests: node loss, head loss, MLflow outage)."""
+    deadline = time.time() + timeout
+    while not what():
+        if proc.poll() is not None or time.time() > deadline:
+            raise AssertionError(f"waited {timeout:.0f} s (driver rc {proc.poll()}):\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
 
 
 def _str(d: dict[str, Any]) -> dict[str, str]:

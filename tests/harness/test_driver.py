@@ -27,12 +27,7 @@ from harness.optuna_study import StudyBook, open_study
 from harness.spec import parse_spec
 from harness.study import StudyPolicy
 from harness.tune_spec import parse_tune_spec
-from tests.harness.fakes import FakeLauncher, MemoryRecorder, default_script, failing_script
-
-
-class _NoConsole:
-    def refresh(self) -> None:
-        pass
+from tests.harness.fakes import FakeLauncher, MemoryRecorder, NoConsole, default_script, failing_script
 
 
 class Interrupter:
@@ -68,7 +63,7 @@ def _grid(grid, out: Path, recorder: MemoryRecorder, launcher: FakeLauncher, *, 
     parent = recorder.start_parent(key="grid", name="g", tags={}, params={})
     policy = GridPolicy(spec=spec, cells=cells, out=out, recorder=recorder, parent=parent, sha="sha")
     stop = stop if stop is not None else StopFlag()
-    interrupted = drive(policy, launcher, recorder, _NoConsole(), limit=limit, stop=stop)
+    interrupted = drive(policy, launcher, recorder, NoConsole(), limit=limit, stop=stop)
     return policy, interrupted
 
 

@@ -27,5 +27,33 @@ def test_shared_storage_check_names_nodes_that_cannot_read_the_marker(ray_addres
             return ray.put(None)
 
     monkeypatch.setattr(ray_backend, "_read_marker", Blind())
-    with pytest.raises(ConfigError, match=r"is not shared: node\(s\) .*10\.0\.0\.2 cannot read it"):
+    with pytest.raises(ConfigError, match=r"is not shared: node\(s\) .*\(10\.0\.0\.2\) cannot read it"):
         ray_backend.check_shared_storage(tmp_path / "local")
+
+
+def test_shared_storage_is_checked_on_every_node_of_one_host(ray_address: str, tmp_path: Path, monkeypatch):
+    """Issue 14 case 6: two Ray nodes on one host and IP, ``--out`` hidden from one of them (a separate mount
+    namespace): the probe is keyed by node id, so the blind node is found (one probe per IP passed it)."""
+    import ray
+
+    from ddsm.config import ConfigError
+    from harness import ray_backend
+
+    node = next(n for n in ray.nodes() if n["Alive"])
+    twin = {**node, "NodeID": node["NodeID"][::-1]}  # same host and IP, another raylet
+    monkeypatch.setattr(ray, "nodes", lambda: [node, twin])
+    real = ray_backend._read_marker
+    probed: list[str] = []
+
+    class PerNode:  # the twin's filesystem does not have --out; the real node reads the marker for real
+        def options(self, *, scheduling_strategy):
+            probed.append(scheduling_strategy.node_id)
+            blind = scheduling_strategy.node_id == twin["NodeID"]
+            return type("Reader", (), {"remote": staticmethod(
+                (lambda path: ray.put(None)) if blind else real.options(scheduling_strategy=scheduling_strategy).remote)})
+
+    monkeypatch.setattr(ray_backend, "_read_marker", PerNode())
+    blind = rf"is not shared: node\(s\) {twin['NodeID'][:12]} \({node['NodeManagerAddress']}\) cannot"
+    with pytest.raises(ConfigError, match=blind):
+        ray_backend.check_shared_storage(tmp_path / "out")
+    assert sorted(probed) == sorted([node["NodeID"], twin["NodeID"]])

@@ -106,3 +106,18 @@ def test_cli_missing_spec_exits_2(tmp_path: Path, capsys):
 def test_unknown_dataset_is_a_problem(spec_dict):
     problems = _problems(spec_dict(base={"data": {"name": "kitti"}}, seeds=[0]))
     assert len(problems) == 1 and "data.name='kitti' is not allowed: expected one of synthetic" in problems[0]
+
+
+def test_a_yaml_error_names_its_line_and_column(tmp_path: Path, capsys):
+    """Issue 14 case 8: the YAML parser's position survives into the one-line error (spec and trial config)."""
+    from ddsm.config import ConfigError, load_config
+
+    spec = tmp_path / "broken.yaml"
+    spec.write_text("name: broken\nseeds: [0, 1\nbaselines: [{name: fpn}]\n")  # the list on line 2 never closes
+    assert main(["run", str(spec), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "not valid YAML: line 3, column 10:" in err, err
+    config = tmp_path / "trial.yaml"
+    config.write_text("train:\n  steps: 4\n\tlr: 0.1\n")  # a tab on line 3
+    with pytest.raises(ConfigError, match=r"not valid YAML: line 3, column 1: .*'\\t'"):
+        load_config(config)
