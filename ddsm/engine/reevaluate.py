@@ -1,8 +1,8 @@
 """Score a finished trial again from its final checkpoint, with other evaluation settings; nothing is trained.
 
 What a trial's weights are depends only on :func:`ddsm.config.train_identity`; how they are scored is
-the ``eval`` section and ``data.val_split``. :func:`reevaluate` loads ``<out>/checkpoints/last.pt``,
-checks that it is the end of a run of the same training (same identity, the last step), evaluates
+the ``eval`` section and ``data.val_split``. :func:`reevaluate` loads the newest intact checkpoint of
+``<out>/checkpoints/`` (``last.pt`` or its numbered twin; a damaged one is set aside as in a resume), checks that it is the end of a run of the same training (same identity, the last step), evaluates
 it with ``cfg`` and rewrites the outputs of the evaluation (``metrics.json``, ``per_class_iou.csv``,
 ``confusion.csv``, ``config.yaml``), keeping what the training measured (its time, world size and
 per-trial cost) from the previous ``metrics.json``.
@@ -31,17 +31,18 @@ def reevaluate(cfg: TrialConfig, *, out_dir: str | Path) -> dict[str, Any]:
     import torch
 
     from ddsm.data import dataset_info
-    from ddsm.engine.checkpoint import load_checkpoint
+    from ddsm.engine.checkpoint import find_resume
     from ddsm.engine.evaluate import evaluate
     from ddsm.engine.train import intra_op_threads, resolve_device, write_results
     from ddsm.models import build_model_from_config
 
     cfg.validate()
     out_dir = Path(out_dir).resolve()
-    path = out_dir / "checkpoints" / "last.pt"
-    if not path.is_file():
-        raise ConfigError(f"cannot re-evaluate {out_dir}: it has no final checkpoint {path.name} (train it first)")
-    ckpt = load_checkpoint(path)
+    found = find_resume(out_dir / "checkpoints")
+    if found.state is None:
+        damaged = f" ({'; '.join(found.damaged)})" if found.damaged else ""
+        raise ConfigError(f"cannot re-evaluate {out_dir}: it has no intact final checkpoint{damaged} (train it first)")
+    ckpt, path = found.state, found.path
     trained = from_dict(ckpt["config"])
     mine, theirs = train_identity(cfg), train_identity(trained)
     if mine != theirs:

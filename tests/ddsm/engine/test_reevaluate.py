@@ -54,10 +54,25 @@ def test_reevaluate_refuses_another_training_or_an_unfinished_one(trained: Path,
     torch.save({**ckpt, "step": 1}, tmp_path / "mid" / "checkpoints" / "last.pt")  # killed after step 1
     with pytest.raises(ConfigError, match="holds step 1 of 2"):
         reevaluate(_cfg(), out_dir=tmp_path / "mid")
-    with pytest.raises(ConfigError, match="no final checkpoint"):
+    with pytest.raises(ConfigError, match="no intact final checkpoint"):
         reevaluate(_cfg(), out_dir=tmp_path)
     with pytest.raises(ConfigError, match="data.val_split .minival is held out"):  # holding out minival retrains
         reevaluate(_cfg(data={"val_split": "minival"}), out_dir=trained)
+
+
+def test_reevaluate_falls_back_from_a_damaged_last_checkpoint(trained: Path, tmp_path: Path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    assert (run / "checkpoints" / "step_0000002.pt").is_file()
+    (run / "checkpoints" / "step_0000002.pt").write_bytes(b"not a checkpoint")
+    assert reevaluate(_cfg(), out_dir=run)["step"] == 2  # scored from last.pt, its intact twin
+    assert (run / "checkpoints" / "step_0000002.pt.damaged").is_file()  # set aside, as a resume does
+    for path in (run / "checkpoints").glob("*.pt"):
+        path.write_bytes(b"damaged")
+    with pytest.raises(ConfigError, match="no intact final checkpoint .*last.pt"):
+        reevaluate(_cfg(), out_dir=run)
 
 
 def test_threads_are_set_for_the_block_and_restored():
