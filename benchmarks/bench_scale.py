@@ -69,12 +69,14 @@ def scale_spec(cells: int, *, steps: int = 1, resources: dict[str, Any] | None =
     return {
         "name": f"scale{cells}",
         "base": {"model": {"name": "fpn", "backbone": "resnet18", "decoder_dim": 32},
-                 "data": {"name": "synthetic", "image_size": [32, 32], "crop_size": [32, 32], "num_images": 2},
+                 "data": {"name": "synthetic", "image_size": [32, 32], "crop_size": [32, 32], "num_images": 2,
+                          "batch_size": 2},  # a batch no larger than the data (validated before launch)
                  "train": {"steps": steps, "device": "cpu", "log_every": 1}},
         "baselines": [{"name": "fpn", "axes": {"train.lr": [round(0.001 + 1e-5 * i, 6)
                                                             for i in range(cells // n_seeds)]}}],
         "seeds": list(range(n_seeds)),
         "resources": resources or {"cpus": 1, "gpus": 0},
+        "cost": {"enabled": False},  # trivial trials: no model to profile after the cells (harness/cost.py)
     }
 
 

@@ -21,6 +21,10 @@ class ConfigError(ValueError):
     """A config key, type or value is not allowed; the message is one readable line."""
 
 
+DEVICES = ("auto", "cpu", "cuda")
+VAL_SPLITS = ("val", "test", "minival")  # what data.val_split may name (ddsm/data/__init__.py)
+
+
 @dataclass
 class ModelConfig:
     """Which network to build; DDSM-only fields are ignored (and not hashed) for other models."""
@@ -61,6 +65,10 @@ class DataConfig:
     hue: float = 0.0  # hue jitter in [0, 0.5] (fraction of the colour wheel; SFSegNets: 0.25); 0 disables
     batch_size: int = 8
     workers: int = 0
+    # what a trial validates on (see ddsm/data/__init__.py): val | test | minival (held out of train)
+    val_split: str = "val"
+    minival_size: int = 0  # images of train held out as minival; 0 = a tenth of train (at least 1)
+    minival_seed: int = 0  # which images: a fixed draw, the same for every trial and seed
     # synthetic only
     num_images: int = 64  # training images; val gets num_images // 4
     image_size: tuple[int, int] = (128, 128)
@@ -89,6 +97,7 @@ class TrainConfig:
     val_every: int = 0  # 0 = validate only at the end
     ckpt_every: int = 0  # 0 = checkpoint only at the end
     device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch intra-op threads (results depend on it on CPU); 0 = leave torch's setting
     log_every: int = 10
 
 
@@ -116,20 +125,42 @@ class TrialConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "TrialConfig":
-        """Check values that a type check cannot; raise ConfigError naming the field."""
-        _check(self.train.steps >= 1, "train.steps", self.train.steps, "an integer >= 1")
-        _check(self.train.lr > 0, "train.lr", self.train.lr, "a positive float")
-        _check(self.train.amp in ("none", "bf16", "fp16"), "train.amp", self.train.amp, "one of none, bf16, fp16")
-        _check(self.train.device in ("auto", "cpu", "cuda"), "train.device", self.train.device, "one of auto, cpu, cuda")
-        _check(self.data.batch_size >= 1, "data.batch_size", self.data.batch_size, "an integer >= 1")
-        _check(all(s > 0 for s in self.data.crop_size), "data.crop_size", self.data.crop_size, "two positive ints (H, W)")
-        _check(self.data.scale_range[0] <= self.data.scale_range[1], "data.scale_range", self.data.scale_range, "(low, high) with low <= high")
-        _check(0.0 <= self.data.hue <= 0.5, "data.hue", self.data.hue, "a float in [0, 0.5]")
-        _check(len(self.eval.tolerances) > 0 and all(t > 0 for t in self.eval.tolerances),
-               "eval.tolerances", self.eval.tolerances, "a non-empty list of positive numbers")
-        _check(0 < self.model.inner_ratio <= 1, "model.inner_ratio", self.model.inner_ratio, "a float in (0, 1]")
-        k = math.isqrt(max(self.model.num_points, 0))
-        _check(k * k == self.model.num_points and 1 <= k <= 7, "model.num_points", self.model.num_points,
+        """Check values that a type check cannot; raise ConfigError naming the field.
+
+        Everything a trial would reject later (at the first step or at its final evaluation) is checked
+        here; model options and dataset files are checked by building them (``harness/validate.py``).
+        """
+        m, d, t, e = self.model, self.data, self.train, self.eval
+        _check(t.steps >= 1, "train.steps", t.steps, "an integer >= 1")
+        _check(t.lr > 0, "train.lr", t.lr, "a positive float")
+        _check(t.amp in ("none", "bf16", "fp16"), "train.amp", t.amp, "one of none, bf16, fp16")
+        _check(t.device in DEVICES, "train.device", t.device, f"one of {', '.join(DEVICES)}")
+        _check(t.threads >= 0, "train.threads", t.threads, "0 (torch's setting) or an integer >= 1")
+        for key in ("val_every", "ckpt_every", "log_every", "warmup_steps"):
+            _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), "an integer >= 0")
+        _check(0 <= t.ohem_thresh <= 1, "train.ohem_thresh", t.ohem_thresh, "a float in [0, 1]")
+        _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "an integer >= 1")
+        _check(d.workers >= 0, "data.workers", d.workers, "an integer >= 0")
+        _check(all(s > 0 for s in d.crop_size), "data.crop_size", d.crop_size, "two positive ints (H, W)")
+        _check(0 < d.scale_range[0] <= d.scale_range[1], "data.scale_range", d.scale_range,
+               "(low, high) with 0 < low <= high")
+        _check(d.jitter >= 0, "data.jitter", d.jitter, "a float >= 0 (0 disables it)")
+        _check(0.0 <= d.hue <= 0.5, "data.hue", d.hue, "a float in [0, 0.5]")
+        _check(d.val_split in VAL_SPLITS, "data.val_split", d.val_split, f"one of {', '.join(VAL_SPLITS)}")
+        _check(d.minival_size >= 0, "data.minival_size", d.minival_size,
+               "0 (a tenth of the train split) or a number of images >= 1")
+        _check(len(e.tolerances) > 0 and all(tol > 0 and (tol < 1 or float(tol).is_integer()) for tol in e.tolerances),
+               "eval.tolerances", e.tolerances,
+               "a non-empty list of whole pixel counts >= 1 or fractions of the image diagonal in (0, 1)")
+        _check(len(e.scales) > 0 and all(s > 0 for s in e.scales), "eval.scales", e.scales,
+               "a non-empty list of positive scale factors, e.g. [1.0]")
+        _check(all(c > 0 for c in e.crop), "eval.crop", e.crop, "two positive ints (H, W)")
+        _check(e.biou_width >= 0, "eval.biou_width", e.biou_width, "an integer >= 0")
+        _check(e.max_images >= 0, "eval.max_images", e.max_images, "0 (the whole split) or an integer >= 1")
+        _check(m.decoder_dim >= 0, "model.decoder_dim", m.decoder_dim, "0 (the backbone's default) or an integer >= 1")
+        _check(0 < m.inner_ratio <= 1, "model.inner_ratio", m.inner_ratio, "a float in (0, 1]")
+        k = math.isqrt(max(m.num_points, 0))
+        _check(k * k == m.num_points and 1 <= k <= 7, "model.num_points", m.num_points,
                "a perfect square k*k with k in 1..7 (1, 4, 9, 16, 25, 36, 49)")
         return self
 
@@ -270,6 +301,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         keys, value = parse_override(item)
         set_in(d, keys, value)
     return from_dict(d).validate()
+
+
+# Fields that say how a trained model is scored, never how it is trained: changing only these
+# re-evaluates a finished trial instead of training it again (harness/cells.py: eval hash).
+EVAL_SECTION = "eval"
+EVAL_DATA_FIELDS = ("val_split",)
+
+
+def train_identity(cfg: TrialConfig) -> dict:
+    """What determines a trial's weights, as a plain dict: the config without ``eval`` and ``data.val_split``.
+
+    Holding out minival changes the training images, so with ``data.val_split == "minival"`` the dict
+    keeps ``data.minival_size``/``data.minival_seed`` and marks ``data.holds_out_minival``; with any other
+    split those two fields (unused) are left out. Two configs with equal identities train the same
+    weights (:func:`evaluation_identity` says how they are scored).
+    """
+    d = to_dict(cfg)
+    d.pop(EVAL_SECTION)
+    data = d["data"]
+    held = data.pop("val_split") == "minival"
+    if held:
+        data["holds_out_minival"] = True
+    else:
+        data.pop("minival_size"), data.pop("minival_seed")
+    return d
+
+
+def evaluation_identity(cfg: TrialConfig) -> dict:
+    """How a trained model is scored: the ``eval`` section and ``data.val_split``."""
+    return {EVAL_SECTION: to_dict(cfg.eval), **{f"data.{k}": getattr(cfg.data, k) for k in EVAL_DATA_FIELDS}}
 
 
 def save_config(cfg: TrialConfig, path: str | Path) -> None:

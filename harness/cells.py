@@ -2,10 +2,23 @@
 
 A cell's config is built in this order: base <- baseline overrides <- global axis values <-
 baseline axis values <- cell overrides <- seed <- (``--smoke``) smoke overrides
-(:meth:`harness.spec.GridSpec.resolve`). Its hash is the first 12 hex digits of the sha256 of the
-canonical JSON of the resolved TrialConfig, where the model fields a model does not read
-(``ddsm.models.model_options``) are reset to their defaults, so e.g. ``num_points`` cannot make two
-FPN cells differ; a DDP cell also hashes its world size (``data.batch_size`` is per rank).
+(:meth:`harness.spec.GridSpec.resolve`, which also fixes ``train.device`` and ``train.threads`` from
+the trial's resources, so they are part of what is hashed).
+
+A cell has two hashes (first 12 hex digits of a sha256 of canonical JSON):
+
+- the **train hash** (``Cell.hash``, :func:`cell_hash`): what determines the weights,
+  :func:`ddsm.config.train_identity` of the canonical config (the model fields a model does not read,
+  ``ddsm.models.model_options``, reset to their defaults, so e.g. ``num_points`` cannot make two FPN
+  cells differ); a DDP cell also hashes its world size (``data.batch_size`` is per rank). Every input
+  of the computation is in it: the thread count and the device type (which also fixes the
+  deterministic-algorithm setting: on for CPU, off for CUDA). The cell folder is ``cells/<train hash>``.
+- the **eval hash** (``Cell.eval_hash``, :func:`eval_hash`): how the weights are scored, the ``eval``
+  section and ``data.val_split`` (:func:`ddsm.config.evaluation_identity`). A finished cell whose eval
+  hash changed is re-evaluated from its final checkpoint, not trained again (:mod:`harness.grid`).
+
+:data:`HASH_VERSION` is written to ``grid.json``; an out dir of another version is refused (its cells
+would all look new).
 """
 from __future__ import annotations
 
@@ -18,11 +31,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ddsm.config import ConfigError, ModelConfig, TrialConfig, to_dict
+from ddsm.config import (EVAL_DATA_FIELDS, EVAL_SECTION, ConfigError, ModelConfig, TrialConfig, evaluation_identity,
+                         to_dict, train_identity)
 from harness.spec import GridSpec, SpecError, flatten
 
-__all__ = ["Cell", "canonical_config", "cell_hash", "config_diff", "dry_run_rows", "expand", "forward_gflops",
-           "grid_hash", "reference_config"]
+__all__ = ["HASH_VERSION", "Cell", "canonical_config", "cell_hash", "config_diff", "dry_run_rows", "eval_fields",
+           "eval_hash", "expand", "forward_gflops", "grid_hash", "reference_config", "train_params"]
+
+HASH_VERSION = 2  # 1: one hash over the whole config (eval included); 2: train hash + eval hash
 
 
 @dataclass(frozen=True)
@@ -35,7 +51,8 @@ class Cell:
     reference: str | None  # the reference-baseline variant with the same values on its axes (None: none)
     overrides: tuple[tuple[str, Any], ...]  # every dotted override applied on top of the base
     config: TrialConfig
-    hash: str
+    hash: str  # the train hash (cell folder, MLflow tag cell_hash)
+    eval_hash: str = ""  # how it is scored (MLflow tag eval_hash)
 
     @property
     def name(self) -> str:
@@ -48,9 +65,7 @@ class Cell:
 
 def canonical_config(cfg: TrialConfig) -> TrialConfig:
     """A copy of ``cfg`` with the model fields its model does not read reset to their defaults."""
-    from ddsm.models import model_options  # torch import: keep `ddsm-bench --help` fast
-
-    used = {"name", "backbone", *model_options(cfg.model.name)}
+    used = _used_model_fields(cfg)
     defaults = ModelConfig()
     reset = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(ModelConfig) if f.name not in used}
     out = copy.deepcopy(cfg)
@@ -58,17 +73,51 @@ def canonical_config(cfg: TrialConfig) -> TrialConfig:
     return out
 
 
+def _digest(body: Any) -> str:
+    payload = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
 def cell_hash(cfg: TrialConfig, *, world_size: int = 1) -> str:
-    """First 12 hex digits of sha256 over the canonical JSON of the canonical config.
+    """The train hash: first 12 hex digits of sha256 over the canonical JSON of what determines the weights
+    (:func:`ddsm.config.train_identity` of the canonical config).
 
     ``data.batch_size`` is per rank, so a DDP trial (``world_size > 1``) trains with a larger global
     batch: its world size is then hashed too (single-process cells hash the config alone).
     """
-    body: dict[str, Any] = to_dict(canonical_config(cfg))
+    body: dict[str, Any] = train_identity(canonical_config(cfg))
     if world_size > 1:
         body = {"config": body, "world_size": world_size}
-    payload = json.dumps(body, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+    return _digest(body)
+
+
+def eval_hash(cfg: TrialConfig) -> str:
+    """First 12 hex digits of sha256 over how a trial is scored (:func:`ddsm.config.evaluation_identity`)."""
+    return _digest(evaluation_identity(cfg))
+
+
+def _used_model_fields(cfg: TrialConfig) -> set[str]:
+    from ddsm.models import model_options  # torch import: keep `ddsm-bench --help` fast
+
+    return {"name", "backbone", *model_options(cfg.model.name)}
+
+
+def train_params(cfg: TrialConfig) -> dict[str, Any]:
+    """The dotted config fields logged as a run's (immutable) params: everything but the evaluation fields
+    (:func:`eval_fields`) and the model fields its model does not read (those are not part of the cell)."""
+    used = _used_model_fields(cfg)
+    flat = flatten(to_dict(cfg))
+    evaluation = eval_fields(cfg)
+    return {k: v for k, v in flat.items() if k not in evaluation
+            and not (k.startswith("model.") and k.split(".", 1)[1] not in used)}
+
+
+def eval_fields(cfg: TrialConfig) -> dict[str, Any]:
+    """The dotted evaluation fields (``eval.*``, ``data.val_split``): logged as tags, which a re-evaluation
+    may change."""
+    flat = flatten(to_dict(cfg))
+    return {k: v for k, v in flat.items()
+            if k.startswith(EVAL_SECTION + ".") or k in {f"data.{f}" for f in EVAL_DATA_FIELDS}}
 
 
 def grid_hash(hashes: list[str]) -> str:
@@ -99,7 +148,11 @@ def expand(spec: GridSpec) -> list[Cell]:
                 continue
             cells.append(Cell(variant=variant, baseline=baseline, seed=seed, reference=_reference(spec, cfg),
                               overrides=tuple(overrides.items()), config=canonical_config(cfg),
-                              hash=cell_hash(cfg, world_size=world_size)))
+                              hash=cell_hash(cfg, world_size=world_size), eval_hash=eval_hash(cfg)))
+    if not failures:  # every value resolved: now what only building the model and reading the data can tell
+        from harness.validate import check_configs
+
+        failures = check_configs([(c.name, c.config) for c in cells], resources=spec.trial_resources, mode=spec.mode)
     problems = [f"{where[0]}{f' (and {len(where) - 1} more cells)' if len(where) > 1 else ''}: {msg}"
                 for msg, where in failures.items()]
     seen: dict[str, Cell] = {}

@@ -1,16 +1,19 @@
 """``ddsm-bench evaluate``: evaluate a checkpoint with the config stored in it, optionally changing how.
 
 The checkpoint holds the resolved trial config; ``--set`` may change only how and where the
-evaluation runs (``eval.*``, ``data.root``, ``data.workers``, ``data.batch_size``, ``train.device``,
-``train.channels_last``), never the model or dataset. ``--checkpoint`` also accepts a run
+evaluation runs (``eval.*``, ``data.val_split`` (val or test: minival would score images the model may
+have trained on), ``data.root``, ``data.workers``, ``data.batch_size``, ``train.device``, ``train.channels_last``,
+``train.threads``), never the model or dataset. ``--checkpoint`` also accepts a run
 directory (its ``checkpoints/last.pt``).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
-EVAL_OVERRIDABLE = ("eval.", "data.root", "data.workers", "data.batch_size", "train.device", "train.channels_last")
+EVAL_OVERRIDABLE = ("eval.", "data.val_split", "data.root", "data.workers", "data.batch_size", "train.device",
+                    "train.channels_last", "train.threads")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     except Exception as e:  # not a zip, wrong format, unpickling refused: all mean "not our checkpoint"
         first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"--checkpoint {str(path)!r} is not a ddsm-bench checkpoint: {first_line}") from None
-    d = ckpt["config"]
+    d = copy.deepcopy(ckpt["config"])
     for item in args.overrides:
         keys, value = parse_override(item)
         dotted = ".".join(keys)
@@ -48,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
                               f"{', '.join(p + '*' if p.endswith('.') else p for p in EVAL_OVERRIDABLE)}")
         set_in(d, keys, value)
     cfg = from_dict(d).validate()
+    if cfg.data.val_split == "minival" and ckpt["config"]["data"].get("val_split") != "minival":
+        raise ConfigError("--set data.val_split=minival is not allowed for evaluate: the checkpoint was not trained "
+                          "with minival held out, so it may have trained on those images; expected val or test")
     device = resolve_device(cfg.train.device)
     model = build_model_from_config(cfg.model, num_classes=dataset_info(cfg.data.name, cfg.data).num_classes)
     model.load_state_dict(ckpt["model"])

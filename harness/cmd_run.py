@@ -1,12 +1,15 @@
 """``ddsm-bench run SPEC``: run an ablation grid on Ray, tracked in MLflow, resumable.
 
+Changing only ``eval.*`` or ``data.val_split`` and re-running scores every finished cell again from its
+final checkpoint (nothing is trained); ``--reevaluate`` forces that for every finished cell.
+
 Exit codes (harness/exit_codes.py): 0 every cell finished, 1 some cells failed after their retries
-(the others completed), 2 bad input or a service that does not answer at start (spec, --out or --out
-held by another driver, resources, storage, tracking store, Ray cluster; nothing was launched), 3 the
-tracking store stayed unreachable past --tracking-outage-s (finished cells are on disk, running ones
-checkpointed, buffered writes journaled), 4 the Ray cluster was lost, 130 interrupted (Ctrl-C / SIGTERM:
-running cells checkpoint and are marked KILLED). After 3, 4 and 130, re-run the same command: it
-records everything and resumes.
+(the others completed), 2 bad input or a service that does not answer at start (spec, data files, --out
+or --out held by another driver, resources, storage, tracking store, Ray cluster; nothing was launched),
+3 the tracking store stayed unreachable past --tracking-outage-s (finished cells are on disk, running
+ones checkpointed, buffered writes journaled), 4 the Ray cluster was lost, 130 interrupted (Ctrl-C /
+SIGTERM: running cells checkpoint and are marked KILLED). After 3, 4 and 130, re-run the same command:
+it records everything and resumes.
 """
 from __future__ import annotations
 
@@ -29,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the cells, what differs from the baseline and a "
                    "cost estimate; launch nothing")
     p.add_argument("--log-checkpoints", action="store_true", help="upload each cell's last checkpoint to MLflow")
+    p.add_argument("--reevaluate", action="store_true", help="score every finished cell again from its final "
+                   "checkpoint with the spec's eval settings (train nothing); cells whose eval.* or data.val_split "
+                   "changed are re-evaluated without it")
     p.set_defaults(func=run)
 
 
@@ -49,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     summary = run_grid(spec, out_dir=out, address=args.address, tracking_uri=args.tracking_uri,
                        max_concurrent=args.max_concurrent, log_checkpoints=args.log_checkpoints,
                        artifact_location=args.artifact_location, dashboard=args.dashboard,
-                       tracking_outage_s=args.tracking_outage_s)
+                       reevaluate=args.reevaluate, tracking_outage_s=args.tracking_outage_s)
     return summary.exit_code
 
 

@@ -4,6 +4,10 @@ The spec is a run spec (base, resources, one seed, smoke) plus a ``search`` sect
 objective(s), budget, concurrency, pruning and storage (see harness/tune_spec.py and
 ablations/tune_quickstart.yaml). Re-running the same command continues the study.
 
+Trials validate on minival (held out of the train split) unless the spec sets data.val_split; the
+exported best.yaml reports search.confirm_split (val). Tuning on the split that is reported exits 2
+unless --tune-on-confirm-split is given (then it is printed as a warning and recorded).
+
 Exit codes (harness/exit_codes.py): 0 the budget is reached and at least one trial completed, 1 no
 trial completed, 2 bad input or a service that does not answer at start (spec, search space, --out or
 --out held by another driver, resources, storage, tracking store, Ray cluster; nothing was launched),
@@ -32,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default search.n_trials, or search.smoke_trials with --smoke)")
     p.add_argument("--smoke", action="store_true", help="a few steps on tiny inputs, the smoke_trials budget, "
                    "study <name>-smoke; synthetic data stands in for a dataset that is absent")
+    p.add_argument("--tune-on-confirm-split", action="store_true", help="allow the trials to validate on the split "
+                   "best.yaml reports (search.confirm_split): its numbers are then optimistic; warned and recorded "
+                   "in the study's provenance and in best.yaml")
     p.set_defaults(func=tune)
 
 
@@ -42,7 +49,8 @@ def tune(args: argparse.Namespace) -> int:
 
     check_positive(max_concurrent=args.max_concurrent, n_trials=args.n_trials)
     check_seconds(tracking_outage_s=args.tracking_outage_s)
-    spec = load_tune_spec(args.spec, smoke=args.smoke, check_paths=args.address is None)
+    spec = load_tune_spec(args.spec, smoke=args.smoke, check_paths=args.address is None,
+                          allow_leak=args.tune_on_confirm_split)
     from harness.study import run_study
 
     out = Path(args.out) if args.out else Path("runs") / spec.name

@@ -26,8 +26,8 @@ from harness.secrets import redact
 __all__ = ["ProgressBoard", "StudyLog", "comparison_rows", "line_printer", "print_dry_run", "print_grid_summary",
            "print_study_summary", "stdout_console", "stop_lines", "summary_metric_keys"]
 
-_STYLE = {"finished": "green", "skipped": "green", "running": "cyan", "retrying": "yellow", "failed": "red",
-          "killed": "red", "pending": "dim"}
+_STYLE = {"finished": "green", "skipped": "green", "running": "cyan", "evaluating": "cyan", "retrying": "yellow",
+          "failed": "red", "killed": "red", "pending": "dim"}
 # Final metrics of the grid comparison, in order; every bf_<r>px goes between these.
 _HEAD = ("miou", "pixel_acc")
 _TAIL = ("biou", "gflops", "params_m", "latency_ms")
@@ -115,7 +115,7 @@ class ProgressBoard:
                 if r.status == "pending":
                     continue
                 extra = f" miou {_num(r.metrics.get('miou'), 'miou')}" if r.metrics.get("miou") is not None else ""
-                self.console.print(f"[{done}/{len(self.results)}] {r.status:<8} {r.cell.name} "
+                self.console.print(f"[{done}/{len(self.results)}] {r.status:<10} {r.cell.name} "
                                    f"({r.cell.hash}){extra}", highlight=False, markup=False)
 
     def _table(self) -> Table:
@@ -248,6 +248,12 @@ def _num(v: float | None, key: str) -> str:
 
 
 # ============================================================================ study
+
+
+def stderr_line(console: Console | None = None) -> Any:
+    """A ``line(text)`` printer on ``console`` (default: stderr), for the phases around the live table."""
+    target = console or Console(stderr=True)
+    return lambda text: target.print(text, highlight=False, soft_wrap=True, markup=False)
 
 
 class StudyLog:

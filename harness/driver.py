@@ -59,6 +59,8 @@ class TrialPayload:
     cell_dir: str  # absolute; the engine's out_dir
     attempt: int  # 1-based
     fail_once: str | None = None  # test hook "<class>:<dir>", see harness.worker
+    mode: str = "train"  # train (resume or start) | evaluate (score the final checkpoint again, train nothing)
+    eval_hash: str = ""  # how it is scored (harness.cells.eval_hash); result.json records it
 
 
 @dataclass(frozen=True)
@@ -105,10 +107,16 @@ def append_jsonl(path: Path, obj: Any) -> None:
         f.write(json.dumps(obj) + "\n")
 
 
-def read_result(cell_dir: str | Path) -> dict[str, float] | None:
-    """The final metrics in ``<cell_dir>/result.json`` (written by a worker when an attempt finished), else None."""
+def read_result(cell_dir: str | Path, *, eval_hash: str | None = None) -> dict[str, float] | None:
+    """The final metrics in ``<cell_dir>/result.json`` (written by a worker when an attempt finished), else None;
+    with ``eval_hash``, None unless they were scored that way (an earlier evaluation is not this one's result)."""
     path = Path(cell_dir) / RESULT_FILE
-    return json.loads(path.read_text())["metrics"] if path.is_file() else None
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if eval_hash and record.get("eval_hash", "") != eval_hash:
+        return None
+    return record["metrics"]
 
 
 # ============================================================================ the parts drive() uses
@@ -396,7 +404,7 @@ def _interrupt(policy: Policy, launcher: Launcher, flight: dict[str, _Flight], *
             if launcher.done(f.handle):
                 outcome = launcher.outcome(f.handle, timeout=5)
         if outcome is None or not outcome.finished:
-            metrics = read_result(f.job.payload.cell_dir)  # trained to the end, outcome not back yet
+            metrics = read_result(f.job.payload.cell_dir, eval_hash=f.job.payload.eval_hash)  # done, outcome not back
             outcome = TrialOutcome(status="finished", metrics=metrics) if metrics is not None else None
         if outcome is not None:
             policy.on_outcome(f.job, outcome)

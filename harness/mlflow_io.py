@@ -75,7 +75,15 @@ class Tag:
     STUDY = "study"  # the Optuna study name
     STORAGE = "storage"  # the Optuna storage (password hidden)
     N_FINISHED = "n_finished"  # parent of a study: trials counted against the budget
-    CELL_HASH = "cell_hash"
+    CELL_HASH = "cell_hash"  # the train hash (harness.cells): what determines the weights
+    EVAL_HASH = "eval_hash"  # how the final scores were computed (eval.*, data.val_split); tags eval.* hold them
+    EVAL_METRICS = "eval_metrics"  # the accuracy metrics of that evaluation (earlier ones are stale)
+    COST_SOURCE = "cost_source"  # child: "isolated:<key>" when the timed costs come from the cost phase
+    COST_PHASE = "cost_phase"  # parent: the cost phase's protocol (harness.cost.describe)
+    OBJECTIVE_SPLIT = "objective_split"  # study parent: the split the objective was measured on
+    CONFIRM_SPLIT = "confirm_split"  # study parent: the split best.yaml reports
+    SPLIT_LEAK = "split_leak"  # study parent: true when the study tuned on the split it reports (explicit flag)
+    DESCRIPTION = "description"  # parent: the spec's description
     SEED = "seed"
     VARIANT = "variant"  # the cell without its seed
     REFERENCE = "reference"  # the reference-baseline variant a cell is compared with
@@ -205,6 +213,7 @@ class CellRun:
     run_id: str
     cell_hash: str
     status: str  # RUNNING | FINISHED | FAILED | KILLED | SCHEDULED
+    eval_hash: str = ""  # how its final scores were computed ("" for runs of hash version 1)
     metrics: dict[str, float] | None = None  # the latest value of each metric, as the search returned them
 
 
@@ -261,7 +270,7 @@ class MlflowRecorder:
             prev = out.get(h)
             if prev is None or prev.status != "FINISHED":
                 out[h] = CellRun(run_id=run.info.run_id, cell_hash=h, status=run.info.status,
-                                 metrics=dict(run.data.metrics))
+                                 eval_hash=run.data.tags.get(Tag.EVAL_HASH, ""), metrics=dict(run.data.metrics))
         return out
 
     def start_run(self, *, name: str, parent_id: str, cell_hash: str, params: dict[str, Any],
@@ -473,13 +482,25 @@ def load_runs(tracking_uri: str | None, *, experiment: str | None = None, parent
 
 def _record(run: Any, experiment: str, per_class: dict[str, float], *, interrupted: bool = False) -> dict[str, Any]:
     """An MLflow run -> the plain record :func:`reports.load.tidy_frame` takes (status ``INTERRUPTED`` when
-    ``interrupted``)."""
+    ``interrupted``).
+
+    The evaluation fields (``eval.*``, ``data.val_split``) are read from the run's tags (a re-evaluation
+    changes them; params never change), and accuracy metrics of an earlier evaluation that the latest one
+    did not report (its ``eval_metrics`` tag) are left out: a report shows one evaluation per run.
+    """
+    from ddsm.metrics.catalogue import is_accuracy
+
     tags = run.data.tags
     status = "INTERRUPTED" if interrupted else run.info.status
     fields = {"run_id": run.info.run_id, "parent_run_id": tags.get(Tag.PARENT), "experiment": experiment,
               "experiment_id": run.info.experiment_id, "run_name": run.info.run_name, "status": status,
               "start_time": run.info.start_time, **{t: tags.get(t) for t in RUN_TAGS}}
-    return {"run": fields, "params": dict(run.data.params), "metrics": {**run.data.metrics, **per_class}}
+    evaluation = {k: v for k, v in tags.items() if k.startswith("eval.") or k == "data.val_split"}
+    metrics = dict(run.data.metrics)
+    if tags.get(Tag.EVAL_METRICS):
+        current = set(json.loads(tags[Tag.EVAL_METRICS]))
+        metrics = {k: v for k, v in metrics.items() if not is_accuracy(k) or k in current}
+    return {"run": fields, "params": {**run.data.params, **evaluation}, "metrics": {**metrics, **per_class}}
 
 
 def _interrupted(run: Any, by_id: dict[str, Any], now: float) -> bool:
@@ -561,6 +582,13 @@ def _provenance(uri: str, exp: Any, parents: list[Any], runs: list[Any]) -> dict
     stamp = [dt.datetime.fromtimestamp(t / 1000, dt.timezone.utc).isoformat(timespec="seconds") for t in
              (min(times), max(times))] if times else []
     smoke = any(str(t.get(Tag.SMOKE)).lower() == "true" for t in ptags)
+    isolated = sum(bool(r.data.tags.get(Tag.COST_SOURCE)) for r in runs)
+    phases = uniq(t.get(Tag.COST_PHASE) for t in ptags)
+    if phases:
+        cost = "; ".join(phases) + (f" (for {isolated} of {len(runs)} runs)" if isolated < len(runs) else "") + \
+            "; what each trial measured while sharing its machine is kept in MLflow as trial_* diagnostics"
+    else:
+        cost = "measured inside each trial, while trials shared the machine (no isolated cost phase recorded)"
     return {
         "spec": exp.name,  # the experiment is named after the spec ("-smoke" appended under --smoke)
         "spec_path": ", ".join(uniq(t.get(Tag.SPEC) for t in ptags)),
@@ -577,9 +605,22 @@ def _provenance(uri: str, exp: Any, parents: list[Any], runs: list[Any]) -> dict
         "nodes": uniq(n for r in runs for n in (r.data.tags.get(Tag.NODE_ID) or "").split(",")),
         "gpus": uniq(g for r in runs for g in _gpus(r.data.tags)),
         "runs_started": " to ".join(stamp),
+        "description": "; ".join(uniq(t.get(Tag.DESCRIPTION) for t in ptags)),
+        "accuracy_split": _splits(runs),
+        "cost_source": cost,
+        "split_leak": "; ".join(uniq(t.get(Tag.SPLIT_LEAK) for t in ptags)) or None,
     }
 
 
+def _splits(runs: list[Any]) -> str:
+    """Which split the accuracy metrics come from: ``data.val_split`` of every run (a tag; a param before hash v2)."""
+    counts: dict[str, int] = {}
+    for r in runs:
+        split = r.data.tags.get("data.val_split") or r.data.params.get("data.val_split") or "val"
+        counts[split] = counts.get(split, 0) + 1
+    what = {"val": "the dataset's validation split", "test": "the dataset's test split",
+            "minival": "minival, held out of the train split (a tuning split)"}
+    return "; ".join(f"{s} ({what.get(s, s)}), {n} run{'s' if n != 1 else ''}" for s, n in counts.items())
 def _gpus(tags: dict[str, str]) -> list[str]:
     """``host:gpu_id (uuid)`` of every GPU an attempt of the run held (empty on CPU)."""
     ids = [g for g in (tags.get(Tag.GPU_IDS) or "").split(",") if g]

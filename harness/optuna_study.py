@@ -70,9 +70,10 @@ def check_options(search: SearchSpace) -> list[str]:
 def build_sampler(search: SearchSpace, *, seed_offset: int = 0) -> Any:
     """TPE (single objective default; multivariate, grouped when parameters are conditional), NSGA-II or random.
 
-    Chosen defaults: ``seed`` 0; TPE ``multivariate=True`` and ``group=True`` when a ``when`` makes the
-    space conditional (Optuna's recommendation for conditional spaces); Optuna's defaults otherwise
-    (``constant_liar=True`` keeps concurrent trials apart).
+    Chosen defaults: ``seed`` 0; TPE ``multivariate=True``, ``group=True`` when a ``when`` makes the
+    space conditional (Optuna's recommendation for conditional spaces), and ``constant_liar=True``
+    (trials run concurrently: running ones count as bad, so TPE does not ask for the same point
+    again), passed explicitly because it is Optuna's default only since 5.0 (``optuna>=3.6`` is allowed).
     """
     options = {k: v for k, v in search.sampler.items() if k != "type"}
     options["seed"] = int(options.get("seed", 0)) + seed_offset
@@ -81,7 +82,7 @@ def build_sampler(search: SearchSpace, *, seed_offset: int = 0) -> Any:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if kind == "tpe":
             conditional = any(p.when for p in search.params)
-            options = {"multivariate": True, "group": conditional, **options}
+            options = {"multivariate": True, "group": conditional, "constant_liar": True, **options}
         return _CLASSES["sampler"][kind](**options)
 
 
@@ -146,6 +147,7 @@ def open_study(spec: TuneSpec, *, storage: Any, study_name: str, seed_offset: in
         raise ConfigError(f"study {study_name!r} in {redact(str(storage))} optimises {stored}, not "
                           f"{search.directions}: use another --out, search.storage or search.study_name")
     fingerprint = study.user_attrs.get("search_fingerprint")
+    split = study.user_attrs.get("objective_split", "val" if study.trials else None)  # before splits: val
     if fingerprint is None:
         study.set_user_attr("search_fingerprint", search.fingerprint())
         study.set_user_attr("objectives", search.metrics)
@@ -153,6 +155,11 @@ def open_study(spec: TuneSpec, *, storage: Any, study_name: str, seed_offset: in
     elif fingerprint != search.fingerprint():
         raise ConfigError(f"study {study_name!r} in {redact(str(storage))} was created with another search space "
                           "(params or objectives changed): use another --out, search.storage or search.study_name")
+    if split is not None and split != spec.objective_split:
+        raise ConfigError(f"study {study_name!r} in {redact(str(storage))} holds trials that validated on {split}, "
+                          f"this spec's trials validate on {spec.objective_split}: their objective values cannot be "
+                          "compared; use another --out, search.storage or search.study_name")
+    study.set_user_attr("objective_split", spec.objective_split)
     return study
 
 
@@ -255,7 +262,7 @@ def write_outputs(study: optuna.Study, spec: TuneSpec, out: Path) -> dict[str, P
     if best is not None:
         outputs["best"] = out / "best.yaml"
         header = (f"# Best configuration(s) of study {study.study_name!r} ({spec.source}), to confirm with more "
-                  f"seeds:\n#   ddsm-bench run {outputs['best']}\n")
+                  f"seeds:\n#   ddsm-bench run {outputs['best']}\n# Splits: {spec.split_note()}\n")
         outputs["best"].write_text(header + yaml.safe_dump(best, sort_keys=False))
     if spec.search.multi and complete:
         outputs["pareto"] = out / "pareto.csv"
@@ -269,13 +276,15 @@ def write_outputs(study: optuna.Study, spec: TuneSpec, out: Path) -> dict[str, P
 def best_spec(spec: TuneSpec, study: optuna.Study) -> dict[str, Any] | None:
     """A ``ddsm-bench run`` spec of the best trial (or one baseline per Pareto point), None before any COMPLETE.
 
-    Pareto points that resolve to the same config (same cell hash) are kept once.
+    Pareto points that resolve to the same config (same cell hash) are kept once. The spec trains on the
+    whole train split and reports ``search.confirm_split`` (its ``data.val_split``); its description says
+    which split the study tuned on (and warns when that is the split it reports).
     """
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return None
     best = study.best_trials if spec.search.multi else [study.best_trial]
-    confirm = spec.search.confirm_overrides
     plain = spec.with_mode(smoke=False, check_paths=False)
+    confirm = {**spec.search.confirm_overrides, "data.val_split": spec.search.confirm_split}
     baselines, seen = [], set()
     for t in sorted(best, key=lambda t: t.number):
         h = cell_hash(plain.trial_config({**t.params, **confirm}))
@@ -284,6 +293,7 @@ def best_spec(spec: TuneSpec, study: optuna.Study) -> dict[str, Any] | None:
             baselines.append({"name": f"trial{t.number}", "overrides": {**spec.trial_overrides(t.params), **confirm}})
     values = "; ".join(f"trial {t.number}: " + ", ".join(f"{m}={v:.4g}" for m, v in zip(spec.search.metrics, t.values))
                        for t in best)
+    values += f"; {spec.split_note()}"
     smoke = dict(spec.smoke)
     if spec.smoke_resources:
         smoke["resources"] = spec.smoke_resources

@@ -16,6 +16,7 @@
   own core worker would end the driver abruptly after 60 s without its GCS), as does a Ray call that
   fails because the connection is gone. On a lost cluster ``wait`` returns at once and the other calls
   are bounded (the driver still tries to let trials checkpoint, and to cancel them).
+- :func:`run_isolated`: one task alone on its device (the grid's cost phase, :mod:`harness.cost`).
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ from harness.spec import Resources
 from harness.worker import root_cause, run_trial
 
 __all__ = ["ClusterWatch", "Connection", "LOST_AFTER_S", "RayLauncher", "check_resources", "check_shared_storage",
-           "connect", "default_concurrency", "failure_class", "placement", "resolve_address", "shutdown"]
+           "connect", "default_concurrency", "failure_class", "placement", "resolve_address", "run_isolated",
+           "shutdown"]
 
 # Seconds without an answer from the head before the cluster counts as lost (must stay well under the 60 s
 # after which Ray's core worker ends a driver that lost its GCS); DDSM_BENCH_CLUSTER_LOST_S overrides it.
@@ -531,3 +533,29 @@ def _gcs_address() -> str | None:
         return ray.get_runtime_context().gcs_address
     except Exception:  # noqa: BLE001 - ray:// clients have no GCS address to probe
         return None
+
+
+# ============================================================================ a task alone on its device
+
+
+@ray.remote(max_retries=0)
+def _isolated_task(fn: Any, arg: Any, threads: int) -> Any:
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    return fn(arg)
+
+
+def run_isolated(fn: Any, arg: Any, *, gpu: bool, threads: int = 1) -> Any:
+    """``fn(arg)`` in a Ray task that holds its device alone; return its result (its exception is raised).
+
+    GPU: one whole GPU (and ``threads`` CPUs), so no fractional-GPU trial shares it. CPU: every CPU of the
+    largest alive node, which Ray grants only when no other task holds one, so the task waits for an
+    idle node instead of sharing. Torch runs ``threads`` intra-op threads (the trial's ``train.threads``:
+    the cost of the computation that was trained, on a node nothing else of the cluster uses).
+    """
+    if gpu:
+        options = {"num_gpus": 1, "num_cpus": threads}
+    else:
+        options = {"num_cpus": max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive"))}
+    return ray.get(_isolated_task.options(**options).remote(fn, arg, threads))

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from ddsm.config import ConfigError, TrialConfig, from_dict, set_in, yaml_problem
+from harness.cost import SMOKE_COST, CostSettings, settings_from
 
 __all__ = [
     "DEFAULT_RETRY_ON", "DEFAULT_TRACKING_OUTAGE_S", "SMOKE_OVERRIDES", "Baseline", "ExtraCell", "GridSpec", "Mode",
@@ -49,7 +50,7 @@ SMOKE_OVERRIDES: dict[str, Any] = {
 }
 
 SPEC_KEYS = ("name", "description", "baseline", "base", "baselines", "axes", "cells", "seeds", "resources",
-             "max_failures", "retry_on", "tracking_outage_s", "smoke")
+             "max_failures", "retry_on", "tracking_outage_s", "smoke", "cost")
 # nan is not retried by default: the same seed resumed from the same checkpoint diverges again.
 DEFAULT_RETRY_ON = ("oom", "error", "killed", "node_lost")
 DEFAULT_TRACKING_OUTAGE_S = 1800  # how long the tracking store may stay away mid-run before the driver stops
@@ -121,6 +122,12 @@ class GridSpec:
     smoke_resources: dict[str, Any] = field(default_factory=dict)  # resources under --smoke (e.g. gpus: 0)
     source: str = "<dict>"
     mode: Mode = field(default_factory=Mode)
+    cost: CostSettings = field(default_factory=CostSettings)  # the isolated cost phase (harness/cost.py)
+
+    @property
+    def cost_settings(self) -> CostSettings:
+        """``cost`` as run: under --smoke a couple of calls (:data:`harness.cost.SMOKE_COST`)."""
+        return dataclasses.replace(self.cost, **SMOKE_COST) if self.mode.smoke else self.cost
 
     def with_mode(self, *, smoke: bool | None = None, check_paths: bool | None = None) -> GridSpec:
         """This spec run another way (None keeps the current setting)."""
@@ -139,7 +146,8 @@ class GridSpec:
     def resolve(self, overrides: dict[str, Any], *, seed: int) -> TrialConfig:
         """base <- ``overrides`` <- seed <- (smoke) smoke overrides -> a validated TrialConfig (or ConfigError)."""
         final = {**SMOKE_OVERRIDES, **self.smoke} if self.mode.smoke else {}
-        return resolve_config(self.base, overrides, seed=seed, final=final, mode=self.mode)
+        return resolve_config(self.base, overrides, seed=seed, final=final, mode=self.mode,
+                              resources=self.trial_resources)
 
 
 def _mode(mode: Mode, smoke: bool | None, check_paths: bool | None) -> Mode:
@@ -158,11 +166,15 @@ def trial_resources(resources: Resources, smoke_resources: dict[str, Any], mode:
 
 
 def resolve_config(base: dict[str, Any], overrides: dict[str, Any], *, seed: int, final: dict[str, Any],
-                   mode: Mode) -> TrialConfig:
+                   mode: Mode, resources: Resources | None = None) -> TrialConfig:
     """base <- dotted ``overrides`` <- seed <- ``final`` (the smoke overrides) -> a validated TrialConfig.
 
     Dataset roots are made absolute (Ray workers run elsewhere); under smoke an absent dataset is
-    replaced by synthetic data; with ``mode.check_paths`` an absent dataset is a ConfigError.
+    replaced by synthetic data; with ``mode.check_paths`` an absent dataset is a ConfigError. With the
+    trial's ``resources``, what the computation depends on is fixed here, so the cell hash holds it:
+    ``train.device: auto`` becomes ``cuda`` when the trial gets a GPU, else ``cpu``, and
+    ``train.threads: 0`` becomes the trial's CPUs (torch intra-op threads; on CPU the results depend on
+    them), so a grid cell and ``ddsm-bench train <cell>/config.yaml`` run the same computation.
     """
     from ddsm.models import list_models  # torch import: keep `ddsm-bench --help` fast
 
@@ -175,6 +187,11 @@ def resolve_config(base: dict[str, Any], overrides: dict[str, Any], *, seed: int
     cfg = from_dict(d).validate()
     if cfg.model.name not in list_models():
         raise ConfigError(f"model.name={cfg.model.name!r} is not allowed: expected one of {', '.join(list_models())}")
+    if resources is not None:
+        if cfg.train.device == "auto":
+            cfg.train.device = "cuda" if resources.gpus > 0 else "cpu"
+        if cfg.train.threads == 0:
+            cfg.train.threads = max(1, int(resources.cpus))
     return _resolve_data(cfg, mode)
 
 
@@ -254,17 +271,22 @@ def parse_spec(raw: Any, *, source: str = "<dict>", smoke: bool = False, check_p
     reference = typed(raw, "baseline", str, names[0] if names else "", problems)
     if names and reference not in names:
         problems.append(f"baseline={reference!r} is not a baseline name: expected one of {', '.join(names)}")
+    cost = CostSettings()
+    try:
+        cost = settings_from(typed(raw, "cost", dict, {}, problems))
+    except ConfigError as e:
+        problems.append(str(e))
     if problems:
         raise SpecError(source, problems)
     return GridSpec(baselines=baselines, baseline=reference, axes=axes, cells=cells, source=source,
-                    mode=Mode(smoke=smoke, check_paths=check_paths), **common)
+                    mode=Mode(smoke=smoke, check_paths=check_paths), cost=cost, **common)
 
 
 def parse_common(raw: dict, *, source: str, problems: list[str]) -> dict[str, Any]:
     """The keys grid and tune specs share: name, description, base, seeds, resources, max_failures,
     retry_on, tracking_outage_s, smoke (split into ``smoke`` overrides and ``smoke_resources``); one line per
     problem."""
-    from ddsm.engine.failures import FAILURE_CLASSES  # torch import: only once a spec is parsed
+    from ddsm.engine.failures import FAILURE_CLASSES, NEVER_RETRIED  # torch import: only once a spec is parsed
 
     name = typed(raw, "name", str, "", problems) or (Path(source).stem if source != "<dict>" else "grid")
     if name and not all(c.isalnum() or c in "-_." for c in name):
@@ -275,9 +297,13 @@ def parse_common(raw: dict, *, source: str, problems: list[str]) -> dict[str, An
     if max_failures < 0:
         problems.append(f"max_failures={max_failures!r} is not allowed: expected an integer >= 0")
     retry_on = typed(raw, "retry_on", list, list(DEFAULT_RETRY_ON), problems)
+    retriable = [c for c in FAILURE_CLASSES if c not in NEVER_RETRIED]
     for c in retry_on:
-        if c not in FAILURE_CLASSES:
-            problems.append(f"retry_on: {c!r} is not allowed: expected some of {', '.join(FAILURE_CLASSES)}")
+        if c in NEVER_RETRIED:
+            problems.append(f"retry_on: {c!r} is not allowed: a {c} error is deterministic, the same attempt "
+                            "fails again (fix the value it names)")
+        elif c not in FAILURE_CLASSES:
+            problems.append(f"retry_on: {c!r} is not allowed: expected some of {', '.join(retriable)}")
     outage = raw.get("tracking_outage_s")
     if outage is None:
         outage = DEFAULT_TRACKING_OUTAGE_S

@@ -41,18 +41,17 @@ from typing import Any
 
 from ddsm.config import ConfigError, TrialConfig, to_dict
 from harness import console as view
-from harness.cells import cell_hash
+from harness.cells import cell_hash, eval_fields, eval_hash, train_params
 from harness.driver import Event, Job, Policy, Recorder, TrialOutcome, TrialPayload
 from harness.mlflow_io import Tag, record_event
 from harness.optuna_study import StudyBook, count_finished, open_study, states, summary, write_outputs
 from harness.secrets import redact
 from harness.session import (claim_out, close_recorder, cluster, default_concurrency, git_sha, open_recorder,
                              preflight, print_where_to_look, run_policy, stop_exit_code, store_while_ray_starts)
-from harness.spec import flatten
 from harness.tune_spec import TuneSpec, load_tune_spec
 from harness.worker import FAIL_ONCE_ENV, cell_artifacts
 
-__all__ = ["StudyPolicy", "StudySummary", "run_study"]
+__all__ = ["StudyPolicy", "StudySummary", "run_study", "study_split_tags"]
 
 
 @dataclass
@@ -156,13 +155,15 @@ class StudyPolicy(Policy):
                 continue
             h = cell_hash(cfg, world_size=self.spec.trial_resources.num_workers)
             run_id = self.recorder.start_run(name=f"trial {trial.number}", parent_id=self.parent, cell_hash=h,
-                                             params=flatten(to_dict(cfg)), tags=self._tags(trial, params))
+                                             params=train_params(cfg),
+                                             tags={**self._tags(trial, params), **eval_fields(cfg)})
             trial.set_user_attr("mlflow_run_id", run_id)
             key = f"trial{trial.number:04d}"
             self.running.add(key)
             self.log.line(f"trial {trial.number} started: {view.format_params(params)}")
             payload = TrialPayload(key=key, cell_hash=h, name=f"trial {trial.number}", config=to_dict(cfg),
-                                   cell_dir=str(trial_dir), attempt=1, fail_once=self.fail_once)
+                                   cell_dir=str(trial_dir), attempt=1, fail_once=self.fail_once,
+                                   eval_hash=eval_hash(cfg))
             return Job(payload=payload, owner=_Trial(trial, params, cfg, run_id))
         return None
 
@@ -320,16 +321,19 @@ def run_study(spec: TuneSpec | str | Path, *, out_dir: str | Path, address: str 
         try:
             sha = git_sha()
             search = spec.search
+            log = view.StudyLog(console)
+            if spec.leaks:
+                log.line(spec.split_note())
             parent = recorder.start_parent(
                 key=hashlib.sha256(f"{storage}|{name}".encode()).hexdigest()[:12], name=name,
                 tags={Tag.MODE: "tune", Tag.STUDY: name, Tag.STORAGE: redact(storage), Tag.SPEC: spec.source,
-                      Tag.GIT_SHA: sha, Tag.SMOKE: spec.mode.smoke},
+                      Tag.GIT_SHA: sha, Tag.SMOKE: spec.mode.smoke, **study_split_tags(spec)},
                 params={"objectives": search.metrics, "directions": search.directions, "sampler": search.sampler,
                         "pruner": search.pruner if search.pruning else "none",
                         "space": {p.name: p.describe() for p in search.params}})
             limit = max_concurrent or search.concurrency or default_concurrency(res)
             policy = StudyPolicy(spec=spec, book=StudyBook(study), recorder=recorder, parent=parent, out=out,
-                                 sha=sha, budget=budget, limit=limit, log=view.StudyLog(console),
+                                 sha=sha, budget=budget, limit=limit, log=log,
                                  fail_once=os.environ.get(FAIL_ONCE_ENV))
             stop = run_policy(policy, resources=res, recorder=recorder, console=policy.log, limit=limit,
                               train_fn=train_fn, fresh_workers=fresh_workers)
@@ -346,6 +350,15 @@ def run_study(spec: TuneSpec | str | Path, *, out_dir: str | Path, address: str 
                               stop_message=stop.message, journaled=journaled)
         view.print_study_summary(result, summary(study, spec)["best"], console)
         return result
+
+
+def study_split_tags(spec: TuneSpec) -> dict[str, Any]:
+    """The parent run's provenance of splits: the objective split, the confirm split, a leak (with its warning)."""
+    tags: dict[str, Any] = {Tag.OBJECTIVE_SPLIT: spec.objective_split, Tag.CONFIRM_SPLIT: spec.search.confirm_split,
+                            Tag.DESCRIPTION: "; ".join(t for t in (spec.description, spec.split_note()) if t)}
+    if spec.leaks:
+        tags[Tag.SPLIT_LEAK] = spec.split_note()
+    return tags
 
 
 def _check_pruning(spec: TuneSpec, cfg: TrialConfig) -> None:

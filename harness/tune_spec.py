@@ -21,6 +21,14 @@ The keys of a run spec (:mod:`harness.spec`) except ``axes`` and ``cells``, and 
       enqueue: [{train.lr: 0.01, model.num_points: 9}]      # parameter sets tried first
       confirm_seeds: [0, 1, 2]                  # seeds of the exported best spec
       confirm_overrides: {train.steps: 55800}   # applied to the exported best spec (e.g. the full schedule)
+      confirm_split: val                        # what the exported best spec reports: val (default) | test
+
+Splits (leak-proof tuning): trials validate on ``data.val_split``, which defaults to ``minival`` in a tune
+spec (a fixed subset of the train split, held out of training, ``ddsm/data/__init__.py``), and the
+exported ``best.yaml`` trains on the whole train split and reports ``search.confirm_split``. A study
+whose objective split equals its confirm split would choose hyperparameters on the numbers it then
+reports: that is refused (exit 2) unless the user asks for it explicitly (``--tune-on-confirm-split``),
+which is printed as a warning and recorded in the study's provenance and in ``best.yaml``.
 
 A parameter is a range (``int``/``float``, optional ``log: true`` or ``step``) or ``categorical``
 ``choices``; ``when: {parent: [values]}`` samples it only when the (categorical) parent took one of
@@ -56,13 +64,15 @@ from harness.spec import (DEFAULT_RETRY_ON, DEFAULT_TRACKING_OUTAGE_S, SMOKE_OVE
 __all__ = ["Objective", "Param", "SearchSpace", "TUNE_SMOKE_OVERRIDES", "TuneSpec", "load_tune_spec",
            "parse_search", "parse_tune_spec"]
 
-TUNE_KEYS = (*(k for k in SPEC_KEYS if k not in ("axes", "cells")), "search")
+TUNE_KEYS = (*(k for k in SPEC_KEYS if k not in ("axes", "cells", "cost")), "search")
 DIRECTIONS = {"maximize": "maximize", "maximise": "maximize", "max": "maximize",
               "minimize": "minimize", "minimise": "minimize", "min": "minimize"}
 PARAM_TYPES = ("int", "float", "categorical")
 PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "when")
 SEARCH_KEYS = ("params", "objectives", "n_trials", "smoke_trials", "concurrency", "pruning", "pruner", "sampler",
-               "storage", "study_name", "enqueue", "confirm_seeds", "confirm_overrides")
+               "storage", "study_name", "enqueue", "confirm_seeds", "confirm_overrides", "confirm_split")
+CONFIRM_SPLITS = ("val", "test")
+DEFAULT_OBJECTIVE_SPLIT = "minival"  # a tune spec that does not set data.val_split tunes on minival
 # --smoke in a study: 4 steps with a validation at step 2, so pruning has a rung to act on.
 TUNE_SMOKE_OVERRIDES: dict[str, Any] = {"train.steps": 4, "train.val_every": 2}
 
@@ -126,6 +136,7 @@ class SearchSpace:
     enqueue: list[dict[str, Any]] = field(default_factory=list)  # parameter sets tried first
     confirm_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # seeds of the exported best spec
     confirm_overrides: dict[str, Any] = field(default_factory=dict)  # dotted overrides of the best spec (e.g. steps)
+    confirm_split: str = "val"  # data.val_split of the exported best spec (what it reports)
 
     @property
     def multi(self) -> bool:
@@ -181,6 +192,25 @@ class TuneSpec:
     description: str = ""
     source: str = "<dict>"
     mode: Mode = field(default_factory=Mode)
+    allow_leak: bool = False  # --tune-on-confirm-split: tune on the split best.yaml reports (warned, recorded)
+
+    @property
+    def objective_split(self) -> str:
+        """The split every trial validates on (its objective's numbers)."""
+        return self.base_config.data.val_split
+
+    @property
+    def leaks(self) -> bool:
+        """The study tunes on the split its best spec reports (only with ``allow_leak``)."""
+        return self.objective_split == self.search.confirm_split
+
+    def split_note(self) -> str:
+        """One line for provenance: where the study tuned and what its best spec reports."""
+        text = f"tuned on {self.objective_split}, confirmed on {self.search.confirm_split}"
+        if self.leaks:
+            text = (f"WARNING: tuned on {self.objective_split}, the split the confirm run reports "
+                    "(--tune-on-confirm-split): its scores there are optimistic")
+        return text
 
     def with_mode(self, *, smoke: bool | None = None, check_paths: bool | None = None) -> TuneSpec:
         """This spec run another way (None keeps the current setting)."""
@@ -219,7 +249,8 @@ class TuneSpec:
         spec's own ``smoke`` section.
         """
         final = {**SMOKE_OVERRIDES, **TUNE_SMOKE_OVERRIDES, **self.smoke} if self.mode.smoke else {}
-        return resolve_config(self.base, self.trial_overrides(params), seed=self.seed, final=final, mode=self.mode)
+        return resolve_config(self.base, self.trial_overrides(params), seed=self.seed, final=final, mode=self.mode,
+                              resources=self.trial_resources)
 
     @cached_property
     def base_config(self) -> TrialConfig:
@@ -230,14 +261,20 @@ class TuneSpec:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_tune_spec(path: str | Path, *, smoke: bool = False, check_paths: bool = True) -> TuneSpec:
-    """Read and validate a tune spec file (run in ``smoke``/``check_paths`` mode); raise SpecError (exit 2)."""
+def load_tune_spec(path: str | Path, *, smoke: bool = False, check_paths: bool = True,
+                   allow_leak: bool = False) -> TuneSpec:
+    """Read and validate a tune spec file (run in ``smoke``/``check_paths`` mode); raise SpecError (exit 2).
+
+    ``allow_leak`` (``--tune-on-confirm-split``) lets the objective split equal ``search.confirm_split``.
+    """
     raw, source = read_spec_file(path)
-    return parse_tune_spec(raw, source=source, smoke=smoke, check_paths=check_paths)
+    return parse_tune_spec(raw, source=source, smoke=smoke, check_paths=check_paths, allow_leak=allow_leak)
 
 
-def parse_tune_spec(raw: Any, *, source: str = "<dict>", smoke: bool = False, check_paths: bool = True) -> TuneSpec:
-    """Build a TuneSpec from a YAML-loaded dict; raise SpecError listing every problem."""
+def parse_tune_spec(raw: Any, *, source: str = "<dict>", smoke: bool = False, check_paths: bool = True,
+                    allow_leak: bool = False) -> TuneSpec:
+    """Build a TuneSpec from a YAML-loaded dict; raise SpecError listing every problem (see the module docstring
+    for the splits)."""
     if not isinstance(raw, dict):
         raise SpecError(source, [f"the spec must be a mapping with a `search` section, got {raw!r}"])
     problems: list[str] = []
@@ -264,12 +301,45 @@ def parse_tune_spec(raw: Any, *, source: str = "<dict>", smoke: bool = False, ch
     if len(seeds) > 1:
         problems.append(f"seeds={seeds!r} is not allowed: a study trains each trial with one seed; "
                         "give one (the exported best spec confirms with search.confirm_seeds)")
+    overrides = baselines[0].overrides if baselines else {}
+    if "data.val_split" not in {**flatten(common["base"]), **overrides, **common["smoke"]}:
+        overrides = {"data.val_split": DEFAULT_OBJECTIVE_SPLIT, **overrides}  # trials tune on minival
     start = TuneSpec(**common, search=SearchSpace(params=[], objectives=[]), seed=seeds[0], source=source,
-                     overrides=baselines[0].overrides if baselines else {})
+                     overrides=overrides, allow_leak=allow_leak)
     search = parse_search(search_raw, start=start if parsed else None, problems=problems)
+    if search is not None:
+        spec = dataclasses.replace(start, search=search, mode=Mode(smoke=smoke, check_paths=check_paths))
+        problems += _split_problems(spec) + _data_problems(spec)
     if problems:
         raise SpecError(source, problems)
-    return dataclasses.replace(start, search=search, mode=Mode(smoke=smoke, check_paths=check_paths))
+    return spec
+
+
+def _split_problems(spec: TuneSpec) -> list[str]:
+    """A study must not tune on the split it reports, unless asked (``allow_leak``)."""
+    try:
+        split = spec.objective_split
+    except ConfigError:
+        return []  # reported with the base config
+    if split == spec.search.confirm_split and not spec.allow_leak:
+        return [f"search: the trials validate on data.val_split={split!r}, the split the exported best spec reports "
+                f"(search.confirm_split={spec.search.confirm_split!r}): the tuned numbers would be reported on the "
+                "split that chose them; tune on minival (the default when data.val_split is not set) or pass "
+                "--tune-on-confirm-split to do it anyway (recorded in the study's provenance)"]
+    return []
+
+
+def _data_problems(spec: TuneSpec) -> list[str]:
+    """The data every trial and the confirm run read (files and headers, in the spec's mode), the device."""
+    from harness.validate import check_configs
+
+    try:
+        base = spec.base_config
+        confirm = spec.trial_config({**spec.search.confirm_overrides, "data.val_split": spec.search.confirm_split})
+    except ConfigError as e:
+        return [f"base: {e}"]
+    found = check_configs([("base", base), ("best spec", confirm)], resources=spec.trial_resources, mode=spec.mode)
+    return [f"{', '.join(where)}: {problem}" for problem, where in found.items()]
 
 
 # ----------------------------------------------------------------------------- the search section
@@ -303,13 +373,20 @@ def parse_search(raw: Any, *, start: TuneSpec | None, problems: list[str]) -> Se
     enqueue = _enqueue(raw.get("enqueue", []), params, problems)
     seeds = seed_list(raw.get("confirm_seeds", [0, 1, 2]), "search.confirm_seeds", problems, default=[0, 1, 2])
     confirm = _confirm_overrides(raw.get("confirm_overrides"), problems)
+    confirm_split = raw.get("confirm_split", "val")
+    if confirm_split not in CONFIRM_SPLITS:
+        problems.append(f"search.confirm_split={confirm_split!r} is not allowed: expected one of "
+                        f"{', '.join(CONFIRM_SPLITS)} (the split the best spec reports; tune on minival)")
+    if "data.val_split" in confirm:
+        problems.append("search.confirm_overrides: data.val_split is set by search.confirm_split; set it there")
     if start is not None:
         _check_against_base(start.with_mode(smoke=False, check_paths=False), params, objectives, confirm, problems)
     if len(problems) > n_before:
         return None
     space = SearchSpace(params=params, objectives=objectives, n_trials=n_trials, smoke_trials=smoke_trials,
                         concurrency=concurrency, pruning=pruning, pruner=pruner, sampler=sampler, storage=storage,
-                        study_name=study_name, enqueue=enqueue, confirm_seeds=seeds, confirm_overrides=confirm)
+                        study_name=study_name, enqueue=enqueue, confirm_seeds=seeds, confirm_overrides=confirm,
+                        confirm_split=confirm_split)
     for problem in optuna_study.check_options(space):  # option values the sampler/pruner itself rejects
         problems.append(problem)
     return None if len(problems) > n_before else space
@@ -589,15 +666,21 @@ def _check_against_base(start: TuneSpec, params: list[Param], objectives: list[O
         start.trial_config(confirm)
     except ConfigError as e:
         problems.append(f"search.confirm_overrides: {e}")
+    from harness.validate import check_configs
+
+    named = [("base", base)]
     for p in params:
         values = p.choices if p.type == "categorical" else (p.low, p.high)
         parents = {parent: allowed[0] for parent, allowed in p.when}
         for value in values:
             try:
-                start.trial_config({**parents, p.name: value})
+                named.append((f"search.params.{p.name}={value!r}", start.trial_config({**parents, p.name: value})))
             except ConfigError as e:
                 problems.append(f"search.params.{p.name}: {e}")
                 break
+    # what only building the model (on the meta device) can tell, for every choice and range end
+    for problem, where in check_configs(named, resources=start.trial_resources, mode=start.mode).items():
+        problems.append(f"{where[0]}{f' (and {len(where) - 1} more)' if len(where) > 1 else ''}: {problem}")
     metrics = metric_names(base.eval.tolerances)
     fractional = any(t < 1 for t in base.eval.tolerances)  # their bf_<r>px keys depend on the image size
     for o in objectives:

@@ -41,7 +41,7 @@ __all__ = ["CELL_ARTIFACTS", "FAIL_ONCE_ENV", "EventSink", "cell_artifacts", "pl
 FAIL_ONCE_ENV = "DDSM_BENCH_FAIL_ONCE"
 # Uploaded with every trial's tracking run, where they exist (the checkpoint only on request).
 CELL_ARTIFACTS = ("config.yaml", "metrics.json", "per_class_iou.csv", "confusion.csv", "attempts.jsonl",
-                  "outcomes.jsonl", "train.log", "error.txt")
+                  "outcomes.jsonl", "train.log", "evaluations.jsonl", "eval.log", "error.txt")
 OUTCOMES_FILE = "outcomes.jsonl"
 
 
@@ -56,7 +56,8 @@ def cell_artifacts(cell_dir: str | Path, *, checkpoint: bool = False) -> list[tu
 
 def run_trial(payload: TrialPayload, queue: Any | None, *, rank: int = 0, reraise: bool = False,
               placement: dict[str, Any] | None = None, train_fn: Callable[..., dict] | None = None) -> TrialOutcome:
-    """Train one attempt in this process; return its outcome (failures are caught and classified).
+    """Train one attempt in this process (or, ``payload.mode == "evaluate"``, score the cell's final checkpoint
+    with its eval settings: :func:`ddsm.engine.reevaluate`); return its outcome (failures are caught and classified).
 
     Args:
         payload: the trial and attempt.
@@ -72,26 +73,35 @@ def run_trial(payload: TrialPayload, queue: Any | None, *, rank: int = 0, rerais
     """
     import torch
 
+    from ddsm.engine import reevaluate
     from ddsm.engine.failures import classify_failure
 
     if train_fn is None:
         from ddsm.engine import train as train_fn
     cell_dir = Path(payload.cell_dir)
     cell_dir.mkdir(parents=True, exist_ok=True)
-    _redirect_output(cell_dir / ("train.log" if rank == 0 else f"train.rank{rank}.log"))
+    evaluating = payload.mode == "evaluate"
+    log = "eval" if evaluating else "train"
+    _redirect_output(cell_dir / (f"{log}.log" if rank == 0 else f"{log}.rank{rank}.log"))
     cfg = from_dict(payload.config).validate()
     device = _device_name(cfg.train.device)
     where = {"host": socket.gethostname(), **(placement or {})}
     if rank == 0:
-        append_jsonl(cell_dir / "attempts.jsonl", {
+        append_jsonl(cell_dir / ("evaluations.jsonl" if evaluating else "attempts.jsonl"), {
             "attempt": payload.attempt, "time": time.time(), "pid": os.getpid(),
-            "resumed": any((cell_dir / "checkpoints").glob("*.pt")), "device": device, **where})
+            "resumed": any((cell_dir / "checkpoints").glob("*.pt")), "device": device,
+            "eval_hash": payload.eval_hash, **where})
     sink = EventSink(queue, key=payload.key, attempt=payload.attempt) if queue is not None else None
     if sink is not None:
         sink.send("start", 0, {}, info={"device": device, "torch": torch.__version__, **placement_info(where)})
     try:
         _maybe_fail_once(payload, rank=rank)
-        metrics = train_fn(cfg, out_dir=cell_dir, callbacks=[sink] if sink else [], resume=True)
+        if evaluating:
+            metrics = reevaluate(cfg, out_dir=cell_dir)
+            if sink is not None:
+                sink.on_eval(cfg.train.steps, metrics)
+        else:
+            metrics = train_fn(cfg, out_dir=cell_dir, callbacks=[sink] if sink else [], resume=True)
     except BaseException as e:  # noqa: BLE001 - every failure is classified and reported to the driver
         record = {"failure_class": classify_failure(e), "error": f"{type(e).__name__}: {e}",
                   "traceback": traceback.format_exc(), "rank": rank}
@@ -103,7 +113,8 @@ def run_trial(payload: TrialPayload, queue: Any | None, *, rank: int = 0, rerais
         return _failed(record)
     final = scalar_metrics(metrics)
     if rank == 0:
-        write_json(cell_dir / RESULT_FILE, {"cell_hash": payload.cell_hash, "metrics": final})
+        write_json(cell_dir / RESULT_FILE, {"cell_hash": payload.cell_hash, "eval_hash": payload.eval_hash,
+                                            "metrics": final})
     if sink is not None:
         sink.send("end", int(final.get("step", 0)), {}, info={"status": "finished", "failure_class": ""})
     return TrialOutcome(status="finished", metrics=final)

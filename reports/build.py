@@ -6,7 +6,7 @@ Layout of ``out_dir``::
     provenance.json
     cells.csv               one row per (variant, seed): state, failure class, attempts, run id
     runs.csv                the tidy frame itself: one row per (run, metric), every run and config field
-    tables/<name>.{md,tex,csv}   main, axis_<field>, per_class, per_class_delta, significance
+    tables/<name>.{md,tex,csv}   main, axis_<field>, per_class, per_class_delta, significance, power
     tables/all_metrics.csv  the main table over every scalar metric (pixel_acc, mean_acc, train_step_ms, ...)
     figures/<name>.png      miou_vs_gflops, miou_vs_latency, sweep_<field>, bf_vs_tolerance, per_class_delta
 """
@@ -67,7 +67,8 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, *, baseline: str | None 
     axes = tables.axis_tables(df, **kw)
     per_class = tables.per_class_tables(df, reference=reference, method=method, alpha=alpha, status=status)
     signif = tables.significance_table(df, **kw)
-    all_tables = [t for t in (main, *axes, *per_class, signif) if len(t.rows)]  # no comparison: no table
+    power = tables.power_table(df, **kw)
+    all_tables = [t for t in (main, *axes, *per_class, signif, power) if len(t.rows)]  # no comparison: no table
 
     written: dict[str, Path] = {}
 

@@ -214,11 +214,12 @@ def varying_fields(df: pd.DataFrame) -> list[str]:
     """Config fields that differ between variants: constant within every variant, not all equal.
 
     ``train.seed`` and anything that changes with the seed inside one variant (e.g. a per-seed data
-    seed) are left out.
+    seed) are left out. A missing value (a field the run's model does not read, which the harness does
+    not log) is no value: ``model.branches`` varies only if the variants that read it differ.
     """
     runs = runs_frame(df)
     fields = [f for f in config_fields(runs) if f != SEED_FIELD]
-    as_text = runs[["variant", *fields]].astype(str)
+    as_text = runs[fields].astype(str).where(runs[fields].notna()).assign(variant=runs["variant"])
     within = as_text.groupby("variant")[fields].nunique().max() if fields else pd.Series(dtype=int)
     across = as_text[fields].nunique()
     return [f for f in fields if within[f] <= 1 and across[f] > 1]

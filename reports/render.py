@@ -2,9 +2,11 @@
 
 Accuracy metrics (mIoU, accuracies, boundary F, boundary IoU, per-class IoU) are shown in percent and
 their deltas in points; cost metrics in their own units. A cell reads ``mean ± std`` (``std`` left out
-with one seed, or when it is exactly 0 for a cost metric), ``(n=k)`` when fewer seeds logged the metric
-than finished, then ``(+Δ†)`` vs the reference (``, n/a`` when fewer than two seeds pair up). Best
-values are bold. CSV files hold the raw numbers (no rounding) under ``# key: value`` provenance lines:
+with one seed, or when it is exactly 0 for a cost metric), or ``median [p25–p75]`` for a cost measured
+once per variant by the isolated cost phase, ``(n=k)`` when fewer seeds logged the metric than
+finished, then ``(+Δ†)`` vs the reference (``, n/a`` when fewer than two seeds pair up). Best values
+are bold, unless the seeds run cannot tell them from the baseline (``bold`` in the cells, see
+:mod:`reports.tables`). A power cell reads ``MDD (k seeds)``. CSV files hold the raw numbers (no rounding) under ``# key: value`` provenance lines:
 read them with ``pandas.read_csv(path, comment="#")``.
 """
 from __future__ import annotations
@@ -24,7 +26,9 @@ __all__ = ["cell_status_markdown", "field_label", "latex_escape", "metric_label"
 FIELD_LABELS = {"model.name": "Model", "model.branches": "Branches", "model.num_points": "N",
                 "model.backbone": "Backbone", "model.pos_embed": "Pos. embed", "model.fusion": "Fusion",
                 "data.name": "Dataset"}
-PROVENANCE_KEYS = [("spec", "Spec"), ("spec_path", "Spec file"), ("smoke", "SMOKE RUN"),
+PROVENANCE_KEYS = [("spec", "Spec"), ("spec_path", "Spec file"), ("description", "Description"), ("smoke", "SMOKE RUN"),
+                   ("split_leak", "WARNING, SPLIT"), ("accuracy_split", "Accuracy metrics from"),
+                   ("cost_source", "Cost columns (latency, train step, memory) from"),
                    ("experiment", "MLflow experiment"), ("experiment_id", "Experiment id"),
                    ("parent_run_ids", "Parent run(s)"), ("tracking_uri", "Tracking URI"), ("git_sha", "Git SHA"),
                    ("hardware", "Hardware"), ("hosts", "Hosts"), ("nodes", "Ray nodes"), ("gpus", "GPUs"),
@@ -87,6 +91,7 @@ class _Style:
     bold: Callable[[str], str]
     escape: Callable[[str], str]
     minus: str = "-"  # how a negative sign is written
+    range: str = "\u2013"  # between the ends of an interquartile range
 
 
 def _cell(c: pd.Series, show: tuple[str, ...], n_finished: int, s: _Style) -> str:
@@ -98,8 +103,10 @@ def _cell(c: pd.Series, show: tuple[str, ...], n_finished: int, s: _Style) -> st
             parts.append(s.dash)
         else:
             text = _number(c["mean"], m, minus=s.minus)
-            parts.append(s.bold(text) if c["best"] else text)
-            if "std" in show and _present(c["std"]) and (c["std"] != 0 or _percent(m)):
+            parts.append(s.bold(text) if c.get("bold", c["best"]) else text)
+            if _present(c.get("q25")) and _present(c.get("q75")):  # one isolated measurement: its IQR
+                parts.append(f" [{_number(c['q25'], m)}{s.range}{_number(c['q75'], m)}]")
+            elif "std" in show and _present(c["std"]) and (c["std"] != 0 or _percent(m)):
                 parts.append(f"{s.pm}{_number(c['std'], m)}")
             if c["n"] < n_finished:
                 parts.append(f" (n={c['n']})")
@@ -111,7 +118,19 @@ def _cell(c: pd.Series, show: tuple[str, ...], n_finished: int, s: _Style) -> st
         parts.append(s.dash)
     if "test" in show:
         parts.append(_test_text(c, s))
+    if "power" in show:
+        parts.append(_power_text(c, s))
     return "".join(parts).strip()
+
+
+def _power_text(c: pd.Series, s: _Style) -> str:
+    """``3.26 (34 seeds)``: the minimum detectable difference (points) and the seeds 0.5 points would need."""
+    if not c["tested"]:
+        return s.dash
+    if not _present(c["mdd"]):
+        return f"n/a (n={c['n_pairs']})"
+    seeds = f"{int(c['seeds_needed'])} seeds" if _present(c["seeds_needed"]) else "> 10000 seeds"
+    return f"{_number(c['mdd'], c['metric'])} ({seeds})"
 
 
 def _test_text(c: pd.Series, s: _Style) -> str:
@@ -129,7 +148,8 @@ def _test_text(c: pd.Series, s: _Style) -> str:
 
 def _grid(table: Table, s: _Style) -> tuple[list[str], list[list[str]], list[str]]:
     """(header, body rows, alignment) as strings in style ``s``."""
-    unit = {m: " (%)" if _percent(m) and "test" not in table.show else "" for m in table.metrics}
+    in_points = "test" in table.show or "power" in table.show  # differences, not levels
+    unit = {m: " (%)" if _percent(m) and not in_points else "" for m in table.metrics}
     header = ["Variant", *(field_label(f) for f in table.fields), "Seeds",
               *(metric_label(m) + unit[m] for m in table.metrics)]
     cells = table.cells.set_index(["variant", "metric"], drop=False)
@@ -201,7 +221,7 @@ def latex_escape(text: str) -> str:
 
 
 LATEX = _Style(pm=r" $\pm$ ", dagger=r"\textsuperscript{\dag}", dash="--", bold=lambda t: rf"\textbf{{{t}}}",
-               escape=latex_escape, minus="$-$")
+               escape=latex_escape, minus="$-$", range="--")
 
 
 def to_latex(table: Table, *, provenance: dict[str, Any] | None = None) -> str:
@@ -227,7 +247,8 @@ def to_latex(table: Table, *, provenance: dict[str, Any] | None = None) -> str:
 
 def to_csv(table: Table, *, provenance: dict[str, Any] | None = None) -> str:
     """Raw numbers, one row per variant: fields, seed counts, then ``<metric>_<stat>`` columns."""
-    stats = ["mean", "std", "n", "delta", "n_pairs", "mean_diff", "p", "ci_low", "ci_high", "significant", "best"]
+    stats = ["mean", "std", "n", "q25", "q75", "delta", "n_pairs", "mean_diff", "p", "ci_low", "ci_high", "significant",
+             "sd_diff", "mdd", "seeds_needed", "best", "bold"]
     wide = table.cells.pivot(index="variant", columns="metric", values=stats)  # (variants, stats x metrics)
     wide.columns = [f"{m}_{s}" for s, m in wide.columns]
     order = [f"{m}_{s}" for m in table.metrics for s in stats]

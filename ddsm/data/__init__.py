@@ -1,5 +1,13 @@
 """Datasets and loaders: ``synthetic`` (embedded default), ``camvid`` (SegNet layout), ``cityscapes`` (gtFine).
 
+Splits. ``train`` is what a trial trains on; ``data.val_split`` names what it validates on (every
+validation and the final scores): ``val`` (the dataset's validation split, the default), ``test``
+(CamVid's ``test.txt`` and synthetic's third split; Cityscapes' test labels are withheld, so it is
+refused) or ``minival``, a fixed subset of the train split that is then held out of training:
+``data.minival_size`` images (0 = a tenth of train, at least 1), drawn once from
+``data.minival_seed`` (never the training seed, so every trial and seed of a study shares it).
+Tuning on minival and reporting on val keeps the reported split out of every choice.
+
 Every dataset yields ``(image float32 (3, H, W) ImageNet-normalised, label int64 (H, W))`` with
 255 = ignore. Training items are augmented (:class:`~ddsm.data.transforms.TrainTransform`), validation
 items are whole images, only normalised. Bad input raises :class:`DatasetError` (a ConfigError) naming
@@ -20,6 +28,8 @@ from ddsm.data.transforms import EvalTransform, TrainTransform
 __all__ = [
     "DATASETS",
     "SPLITS",
+    "check_data",
+    "minival_indices",
     "DatasetError",
     "DatasetInfo",
     "PairedImageDataset",
@@ -30,10 +40,11 @@ __all__ = [
 ]
 
 DATASETS = ("synthetic", "camvid", "cityscapes")
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test", "minival")
+_MINIVAL_STREAM = 0x6D696E76  # mixed into the minival seed so the draw never repeats another stream
 
 from ddsm.data import camvid, cityscapes, synthetic
-from ddsm.data.base import DatasetError, DatasetInfo, PairedImageDataset, SegmentationDataset
+from ddsm.data.base import DatasetError, DatasetInfo, PairedImageDataset, SegmentationDataset, Subset
 
 
 # ----------------------------------------------------------------------------- public builders
@@ -52,16 +63,29 @@ def dataset_info(name: str, cfg: DataConfig | None = None) -> DatasetInfo:
 
 
 def build_dataset(cfg: DataConfig, *, split: str, train: bool) -> SegmentationDataset:
-    """The ``split`` ("train" | "val") of ``cfg.name``; ``train`` turns on augmentation.
+    """The ``split`` ("train" | "val" | "test" | "minival") of ``cfg.name``; ``train`` turns on augmentation.
 
-    Reads data.name, root, crop_size, scale_range, flip, jitter, hue and, for synthetic, num_images,
-    image_size, num_classes, seed.
+    ``train`` is the train split without the minival images when ``cfg.val_split`` is ``minival`` (see
+    the module docstring). Reads data.name, root, crop_size, scale_range, flip, jitter, hue, val_split,
+    minival_size, minival_seed and, for synthetic, num_images, image_size, num_classes, seed.
     """
     if split not in SPLITS:
         raise DatasetError(f"split={split!r} is not allowed: expected one of {', '.join(SPLITS)}")
     if cfg.name not in DATASETS:
         raise DatasetError(f"data.name={cfg.name!r} is not allowed: expected one of {', '.join(DATASETS)}")
     transform = _train_transform(cfg) if train else EvalTransform()
+    if split not in ("train", "minival"):
+        return _split(cfg, split, transform)
+    full = _split(cfg, "train", transform)
+    if split == "train" and cfg.val_split != "minival":
+        return full
+    held = set(minival_indices(len(full), cfg))
+    keep = sorted(held) if split == "minival" else [i for i in range(len(full)) if i not in held]
+    return Subset(full, keep)
+
+
+def _split(cfg: DataConfig, split: str, transform: TrainTransform | EvalTransform) -> SegmentationDataset:
+    """One of the dataset's own splits (train, val, test)."""
     if cfg.name == "synthetic":
         return synthetic.SyntheticDataset(
             num_images=cfg.num_images if split == "train" else max(1, cfg.num_images // 4),
@@ -69,6 +93,52 @@ def build_dataset(cfg: DataConfig, *, split: str, train: bool) -> SegmentationDa
     if cfg.name == "camvid":
         return camvid.CamVidDataset(root=camvid.resolve_root(cfg.root), split=split, transform=transform)
     return cityscapes.CityscapesDataset(root=cityscapes.resolve_root(cfg.root), split=split, transform=transform)
+
+
+def minival_indices(n_train: int, cfg: DataConfig) -> list[int]:
+    """The positions in the train split (of ``n_train`` items) held out as minival, sorted.
+
+    ``cfg.minival_size`` of them (0: ``max(1, n_train // 10)``), drawn without replacement by numpy
+    from ``cfg.minival_seed``: the same for every trial and training seed. At least one image must
+    remain for training.
+    """
+    size = cfg.minival_size or max(1, n_train // 10)
+    if size >= n_train:
+        raise DatasetError(f"data.minival_size={cfg.minival_size} is not allowed with {n_train} train images: "
+                           f"expected fewer than {n_train} (at least one image must remain for training)")
+    rng = np.random.default_rng([cfg.minival_seed, _MINIVAL_STREAM])
+    return sorted(int(i) for i in rng.choice(n_train, size=size, replace=False))
+
+
+def check_data(cfg: DataConfig, *, splits: tuple[str, ...], batch_size: int | None = None) -> list[str]:
+    """Every problem a trial would meet reading ``splits`` of ``cfg``, one line each, before anything runs.
+
+    Builds the datasets (settings, list files, file existence), reads the header of every listed
+    image/label pair (size, mode, completeness; nothing is decoded: :func:`ddsm.data.base.check_pairs`),
+    checks the minival draw and that the train split holds at least ``batch_size`` (the global batch) images.
+    """
+    problems: list[str] = []
+    own = {"minival": "train", "train": "train"}
+    for split in dict.fromkeys(own.get(s, s) for s in splits):  # the dataset's own splits, once each
+        if cfg.name == "camvid":
+            problems += camvid.check_split(camvid.resolve_root(cfg.root), split)
+        elif cfg.name == "cityscapes":
+            try:
+                problems += cityscapes.check_split(cityscapes.resolve_root(cfg.root), split)
+            except DatasetError as e:
+                problems.append(str(e))
+    if problems:
+        return problems
+    try:
+        _train_transform(cfg)
+        sizes = {s: len(build_dataset(cfg, split=s, train=s == "train")) for s in splits}
+    except DatasetError as e:
+        return [str(e)]
+    if batch_size is not None and "train" in sizes and sizes["train"] < batch_size:
+        held = " (after holding out minival)" if cfg.val_split == "minival" else ""
+        problems.append(f"data.batch_size={cfg.batch_size} is not allowed: a global batch of {batch_size} is larger "
+                        f"than the {sizes['train']} training images{held}")
+    return problems
 
 
 def _train_transform(cfg: DataConfig) -> TrainTransform:
@@ -106,7 +176,7 @@ def build_loader(
 
     Args:
         cfg: the data section.
-        split: "train" or "val".
+        split: one of :data:`SPLITS` (see :func:`build_dataset`).
         train: augment (and, by default, shuffle and drop the last partial batch).
         seed: seeds shuffling and augmentation.
         shuffle: default ``train``.

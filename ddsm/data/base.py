@@ -1,4 +1,5 @@
-"""Shared dataset pieces: the error type, the dataset info record, base classes and checked PNG reading."""
+"""Shared dataset pieces: the error type, the dataset info record, base classes, checked PNG reading, and the
+header check of image/label files that runs before a grid launches (:func:`check_pairs`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from torch.utils.data import Dataset
 
 from ddsm.config import ConfigError
 from ddsm.data.transforms import IGNORE_INDEX, EvalTransform, TrainTransform
+
 
 class DatasetError(ConfigError):
     """A dataset path, file or label value is wrong; the message names it and what is expected."""
@@ -130,3 +132,94 @@ def _map_labels(raw: np.ndarray, lut: np.ndarray, *, path: Path, allowed: str) -
         raise DatasetError(f"label file {str(path)!r} has values {shown} outside the dataset's label ids "
                            f"({allowed}) in {int(bad.sum())} pixels")
     return mapped.astype(np.uint8)
+
+
+class Subset(SegmentationDataset):
+    """Items ``indices`` of another dataset, in that order, with its transform (minival, train minus minival)."""
+
+    def __init__(self, base: SegmentationDataset, indices: list[int]) -> None:
+        """Args:
+        base: the full split.
+        indices: positions in ``base``.
+        """
+        super().__init__(transform=base.transform)
+        self.base, self.indices = base, list(indices)
+
+    def __len__(self) -> int:
+        """Number of kept items."""
+        return len(self.indices)
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The raw pair of item ``indices[index]`` of the base split."""
+        return self.base.load(self.indices[index])
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(H, W) of item ``indices[index]`` of the base split."""
+        return self.base.image_size(self.indices[index])
+
+
+# ----------------------------------------------------------------------------- checking files before a launch
+
+# Label modes PIL decodes to one channel of integer ids; images may be anything PIL converts to RGB.
+LABEL_MODES = ("1", "L", "P", "I", "I;16")
+# How a complete file ends: a PNG with its IEND chunk (length, type, CRC), a JPEG with its EOI marker.
+_TRAILERS = {".png": b"IEND\xaeB`\x82", ".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9"}
+MAX_PROBLEMS = 5  # per split: the first ones, then a count
+
+
+def check_pairs(pairs: list[tuple[Path, Path, str]]) -> list[str]:
+    """Problems with image/label pairs, found from file headers (nothing is decoded); one line each.
+
+    Each pair is ``(image, label, where)``, ``where`` naming it for a human (``"train.txt line 12"``).
+    Checked: both files exist and open, a complete file ends with its format's end marker (so a file
+    cut short is found without decoding it), the label is single-channel, and image and label have the
+    same size. The first :data:`MAX_PROBLEMS` problems are listed, then how many more there are.
+    """
+    problems: list[str] = []
+    extra = 0
+    for image, label, where in pairs:
+        found = _pair_problem(image, label, where)
+        if found is None:
+            continue
+        if len(problems) < MAX_PROBLEMS:
+            problems.append(found)
+        else:
+            extra += 1
+    if extra:
+        problems.append(f"... and {extra} more broken image/label pairs in the same split")
+    return problems
+
+
+def _pair_problem(image: Path, label: Path, where: str) -> str | None:
+    at = f" ({where})" if where else ""
+    sizes = {}
+    for kind, path in (("image", image), ("label", label)):
+        if not path.is_file():
+            return f"{kind} file {str(path)!r}{at} does not exist"
+        try:
+            with Image.open(path) as im:
+                sizes[kind], mode = im.size, im.mode
+        except (OSError, ValueError, SyntaxError) as e:
+            return f"cannot read {kind} file {str(path)!r}{at}: {str(e).splitlines()[0]}"
+        if not _complete(path):
+            return f"{kind} file {str(path)!r}{at} is truncated: it does not end with its format's end marker"
+        if kind == "label" and mode not in LABEL_MODES:
+            return (f"label file {str(path)!r}{at} has mode {mode}: expected a single-channel image of label ids "
+                    f"(one of modes {', '.join(LABEL_MODES)})")
+    if sizes["image"] != sizes["label"]:
+        (iw, ih), (lw, lh) = sizes["image"], sizes["label"]
+        return (f"label file {str(label)!r}{at} is {lw}x{lh} but its image {str(image)!r} is {iw}x{ih}: "
+                "expected equal sizes")
+    return None
+
+
+def _complete(path: Path) -> bool:
+    """Whether the file ends with the end marker of its format (formats without one: True)."""
+    trailer = _TRAILERS.get(path.suffix.lower())
+    if trailer is None:
+        return True
+    with path.open("rb") as f:
+        f.seek(0, 2)
+        size = f.tell()
+        f.seek(max(0, size - 64))
+        return f.read().rstrip(b"\x00").endswith(trailer)

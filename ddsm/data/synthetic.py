@@ -20,7 +20,7 @@ road or building): thin structures need num_classes >= 4.
 
 Layouts come from ``numpy.random.default_rng([seed, split, index])``: item ``i`` is the same whatever
 order items are read in, and different seeds give different images. Train has num_images items,
-val ``num_images // 4`` (at least 1). Generation is vectorised numpy (about a millisecond at 128x128);
+val and test ``num_images // 4`` each (at least 1). Generation is vectorised numpy (about a millisecond at 128x128);
 generated items are cached in memory when the split fits in ``cache_mb``.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ SKY, BUILDING, ROAD, POLE, CAR, SIDEWALK, SIGN, LINE = range(8)
 NAMED_CLASSES = ("sky", "building", "road", "pole", "car", "sidewalk", "sign", "line")
 MIN_CLASSES, MAX_CLASSES = 2, 255
 MIN_SIZE = 16
-_SPLIT_CODE = {"train": 0, "val": 1}
+_SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 
 # Base colours (RGB) of the named classes; extra classes get evenly spread hues.
 _PALETTE = np.array([
@@ -79,7 +79,7 @@ class SyntheticDataset(SegmentationDataset):
         image_size: (H, W), each at least 16.
         num_classes: 2..255.
         seed: layout seed; the split name is mixed in, so train and val never share images.
-        split: "train" or "val".
+        split: "train", "val" or "test".
         transform: see :class:`~ddsm.data.SegmentationDataset`.
         cache_mb: keep generated items in memory when the whole split needs at most this much.
         """

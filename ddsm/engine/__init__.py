@@ -2,9 +2,11 @@
 
 ``train(cfg, out_dir=...)`` builds the model and data from a :class:`~ddsm.config.TrialConfig`,
 trains with SGD + poly/warm-up and CE (optionally OHEM), validates, checkpoints (resume is exact on
-CPU) and writes ``metrics.json``. ``evaluate(model, cfg, device=...)`` runs validation alone.
+CPU) and writes ``metrics.json``. ``evaluate(model, cfg, device=...)`` runs validation alone;
+``reevaluate(cfg, out_dir=...)`` scores a finished run's final checkpoint with other eval settings.
 Logging and tracking are :class:`Callback` subclasses; :func:`classify_failure` tells the harness
-whether a trial died of ``oom``, ``nan``, ``killed``, ``node_lost`` or another ``error``.
+whether a trial died of ``oom``, ``nan``, ``config`` (never retried), ``killed``, ``node_lost`` or another
+``error``.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from ddsm.engine.checkpoint import CheckpointError, find_resume, last_checkpoint
 from ddsm.engine.evaluate import evaluate, predict, sliding_window_logits, to_jsonable
 from ddsm.engine.failures import FAILURE_CLASSES, TrainingDiverged, TrialKilled, classify_failure
 from ddsm.engine.loss import ohem_keep_mask, segmentation_loss, total_loss
+from ddsm.engine.reevaluate import reevaluate
 from ddsm.engine.schedule import build_scheduler, poly_factor
 from ddsm.engine.train import amp_dtype, resolve_device, train, write_results
 
@@ -35,6 +38,7 @@ __all__ = [
     "ohem_keep_mask",
     "poly_factor",
     "predict",
+    "reevaluate",
     "resolve_device",
     "save_checkpoint",
     "scalar_metrics",

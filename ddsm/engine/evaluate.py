@@ -95,7 +95,7 @@ def predict(model: nn.Module, image: torch.Tensor, *, num_classes: int, scales: 
 
 def evaluate(model: nn.Module, cfg: TrialConfig, *, device: str | torch.device,
              loader: Iterable | None = None) -> dict[str, Any]:
-    """Run ``model`` over the validation split and return every metric.
+    """Run ``model`` over the split ``data.val_split`` (val, test or minival) and return every metric.
 
     Reads ``data`` (dataset, via :func:`ddsm.data.build_loader`, which shards the split per rank
     when a process group is initialised), ``eval`` (tolerances, biou_width, absent_as_one, sliding,
@@ -106,7 +106,7 @@ def evaluate(model: nn.Module, cfg: TrialConfig, *, device: str | torch.device,
     Returns:
         ``miou``, ``pixel_acc``, ``mean_acc``, ``per_class_iou`` (list, one per class), ``absent_classes``,
         ``bf_<r>px`` per tolerance, ``tolerances_px``, ``biou``, ``class_names``, ``num_images`` and
-        ``confusion`` (K x K list, rows = ground truth, columns = prediction).
+        ``confusion`` (K x K list, rows = ground truth, columns = prediction) and ``split`` (the split's name).
     """
     from ddsm.data import build_loader, dataset_info
     from ddsm.metrics import BoundaryFScore, BoundaryIoU, ConfusionMatrix
@@ -116,7 +116,7 @@ def evaluate(model: nn.Module, cfg: TrialConfig, *, device: str | torch.device,
     info = dataset_info(cfg.data.name, cfg.data)
     k = info.num_classes
     if loader is None:
-        loader = build_loader(cfg.data, split="val", train=False, seed=cfg.train.seed,
+        loader = build_loader(cfg.data, split=cfg.data.val_split, train=False, seed=cfg.train.seed,
                               distributed_rank=rank, world_size=world_size)
     confusion = ConfusionMatrix(k, ignore_index=info.ignore_index, device=device)
     bfscore = BoundaryFScore(k, tolerances=list(cfg.eval.tolerances), ignore_index=info.ignore_index,
@@ -148,7 +148,8 @@ def evaluate(model: nn.Module, cfg: TrialConfig, *, device: str | torch.device,
     for result in (confusion.compute(), bfscore.compute(), biou.compute()):
         metrics.update(result)
     metrics = {key: _plain(v) for key, v in metrics.items()}
-    metrics.update(class_names=list(info.class_names), num_images=seen, confusion=_plain(confusion.mat))
+    metrics.update(class_names=list(info.class_names), num_images=seen, confusion=_plain(confusion.mat),
+                   split=cfg.data.val_split)
     return metrics
 
 

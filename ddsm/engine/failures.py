@@ -1,10 +1,12 @@
 """Why a trial stopped: the failure classes the harness records, and how a training stops on a signal.
 
 The classes (:data:`FAILURE_CLASSES`, the one vocabulary; spec ``retry_on`` lists some of them):
-``oom`` out of memory, ``nan`` the loss diverged, ``error`` anything else raised by the trial,
-``killed`` the trial's process was stopped or died (signal, crashed worker, cancelled), and
-``node_lost`` the machine (Ray node) running it went away. The order is the order of precedence
-when the ranks of one distributed trial report different classes (the root cause first).
+``oom`` out of memory, ``nan`` the loss diverged, ``config`` a :class:`ddsm.config.ConfigError` raised
+inside a trial (a value, file or checkpoint the driver could not check: deterministic, so the harness
+never retries it, :data:`NEVER_RETRIED`), ``error`` anything else raised by the trial, ``killed`` the
+trial's process was stopped or died (signal, crashed worker, cancelled), and ``node_lost`` the machine
+(Ray node) running it went away. The order is the order of precedence when the ranks of one
+distributed trial report different classes (the root cause first).
 """
 from __future__ import annotations
 
@@ -15,9 +17,13 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["FAILURE_CLASSES", "GracefulStop", "TrainingDiverged", "TrialKilled", "classify_failure", "graceful_stop"]
+from ddsm.config import ConfigError
 
-FAILURE_CLASSES = ("oom", "nan", "error", "killed", "node_lost")
+__all__ = ["FAILURE_CLASSES", "NEVER_RETRIED", "GracefulStop", "TrainingDiverged", "TrialKilled",
+           "classify_failure", "graceful_stop"]
+
+FAILURE_CLASSES = ("oom", "nan", "config", "error", "killed", "node_lost")
+NEVER_RETRIED = ("config",)  # the same attempt fails the same way
 
 
 class TrainingDiverged(RuntimeError):
@@ -43,7 +49,7 @@ def classify_failure(exc: BaseException) -> str:
     ``KeyboardInterrupt``/``SystemExit``/:class:`TrialKilled` -> ``killed``; CUDA or host out-of-memory
     (``torch.cuda.OutOfMemoryError``, ``MemoryError``, a RuntimeError saying "out of memory") -> ``oom``;
     anything with a ``failure_class`` attribute (e.g. :class:`TrainingDiverged`) -> that value;
-    everything else -> ``error``.
+    a :class:`~ddsm.config.ConfigError` (bad value, file or checkpoint) -> ``config``; everything else -> ``error``.
     """
     seen: set[int] = set()
     e: BaseException | None = exc
@@ -58,6 +64,8 @@ def classify_failure(exc: BaseException) -> str:
         cls = getattr(e, "failure_class", None)
         if cls in FAILURE_CLASSES:
             return cls
+        if isinstance(e, ConfigError):
+            return "config"
         e = e.__cause__ or e.__context__
     return "error"
 

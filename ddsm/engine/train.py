@@ -49,7 +49,8 @@ from ddsm.engine.loss import total_loss
 from ddsm.engine.sampler import StepSampler
 from ddsm.engine.schedule import build_scheduler
 
-__all__ = ["train", "resolve_device", "amp_dtype", "seed_everything", "build_training_model", "write_results"]
+__all__ = ["train", "resolve_device", "amp_dtype", "seed_everything", "build_training_model", "intra_op_threads",
+           "write_results"]
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_UNREAD_STEPS = 100  # read the losses back (and check them) at least this often, even without logging
@@ -76,6 +77,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
+
+
+@contextmanager
+def intra_op_threads(threads: int) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` for the block (``train.threads``; 0 leaves the setting), then restore it.
+
+    On CPU the reductions of a convolution depend on how many threads split them, so the thread count
+    is part of a trial's config (and of its cell hash) rather than whatever the process happens to have.
+    """
+    previous = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @contextmanager
@@ -217,7 +234,8 @@ def train(cfg: TrialConfig, *, out_dir: str | Path, callbacks: Sequence[Callback
     cbs = CallbackList(callbacks, rank=rank)
     state = {"step": 0}
     try:
-        with _deterministic(device.type == "cpu"), graceful_stop(graceful=world_size == 1) as stop:
+        with (_deterministic(device.type == "cpu"), intra_op_threads(cfg.train.threads),
+              graceful_stop(graceful=world_size == 1) as stop):
             return _run(cfg, out_dir=out_dir, cbs=cbs, resume=resume, device=device, rank=rank,
                         world_size=world_size, state=state, stop=stop)
     except BaseException as e:

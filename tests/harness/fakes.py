@@ -79,7 +79,8 @@ class FakeLauncher:
                 self.queue.append(step)
             elif step == "result":
                 p = self.payloads[h]
-                write_json(Path(p.cell_dir) / "result.json", {"cell_hash": p.cell_hash, "metrics": steps[0].metrics})
+                write_json(Path(p.cell_dir) / "result.json", {"cell_hash": p.cell_hash, "eval_hash": p.eval_hash,
+                                                              "metrics": steps[0].metrics})
             else:
                 self.outcomes[h] = step
                 del self.live[h]
@@ -145,6 +146,7 @@ class CellRun:
     run_id: str
     cell_hash: str
     status: str
+    eval_hash: str = ""
     metrics: dict[str, float] | None = None  # None: the policy asks final_metrics()
 
 
@@ -184,7 +186,7 @@ class MemoryRecorder:
         for run in self.children():
             h = run.tags.get("cell_hash", "")
             if h not in out or out[h].status != "FINISHED":
-                out[h] = CellRun(run.run_id, h, run.status)
+                out[h] = CellRun(run.run_id, h, run.status, run.tags.get("eval_hash", ""))
         return out
 
     def start_run(self, *, name: str, parent_id: str, cell_hash: str, params: dict[str, Any], tags: dict[str, Any],

@@ -4,6 +4,7 @@ No Ray here: everything runs before anything is launched.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -12,9 +13,9 @@ import pytest
 
 from ddsm.config import TrialConfig, from_dict, to_dict
 from ddsm.data import camvid
-from harness.cells import canonical_config, cell_hash, config_diff, expand
+from harness.cells import canonical_config, cell_hash, config_diff, eval_hash, expand
 from harness.cli import main
-from harness.spec import SMOKE_OVERRIDES, flatten, load_spec, parse_spec
+from harness.spec import SMOKE_OVERRIDES, SpecError, flatten, load_spec, parse_spec
 
 CAMVID = camvid.resolve_root(None)
 
@@ -61,10 +62,38 @@ def test_expansion_is_deterministic(spec_dict):
 # ----------------------------------------------------------------------------- hashing
 
 
-def test_hash_is_sha256_of_canonical_json():
+def test_hash_is_sha256_of_canonical_json_of_what_trains():
     cfg = from_dict({"model": {"name": "ddsm", "num_points": 4}})  # every model field is used by ddsm
-    payload = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    body = to_dict(cfg)
+    body.pop("eval")
+    for key in ("val_split", "minival_size", "minival_seed"):  # scoring fields; minival ones unused with val
+        body["data"].pop(key)
+    payload = json.dumps(body, sort_keys=True, separators=(",", ":"))
     assert cell_hash(cfg) == hashlib.sha256(payload.encode()).hexdigest()[:12]
+    scoring = {"eval": to_dict(cfg)["eval"], "data.val_split": "val"}
+    assert eval_hash(cfg) == hashlib.sha256(json.dumps(scoring, sort_keys=True, separators=(",", ":")).encode()
+                                            ).hexdigest()[:12]
+
+
+def test_eval_and_split_change_the_eval_hash_only_unless_minival_changes_training():
+    cfg = TrialConfig()
+    for change in ({"eval": {"tolerances": [1, 3]}}, {"eval": {"flip": True}}, {"data": {"val_split": "test"}},
+                   {"data": {"minival_size": 7}}):  # minival_size is unused while validating on val
+        other = from_dict(change)
+        assert cell_hash(other) == cell_hash(cfg), change
+        assert eval_hash(other) != eval_hash(cfg) or change == {"data": {"minival_size": 7}}, change
+    minival = from_dict({"data": {"val_split": "minival"}})
+    assert cell_hash(minival) != cell_hash(cfg)  # holding out minival changes the training images
+    assert cell_hash(from_dict({"data": {"val_split": "minival", "minival_size": 7}})) != cell_hash(minival)
+    assert cell_hash(from_dict({"train": {"threads": 2}})) != cell_hash(cfg)
+
+
+def test_device_and_threads_come_from_the_resources_so_cpus_change_the_hash(spec_dict):
+    one, two = (expand(parse_spec(spec_dict(resources={"cpus": n}, seeds=[0])))[0] for n in (1, 2))
+    assert (one.config.train.threads, two.config.train.threads) == (1, 2)
+    assert one.config.train.device == "cpu" and one.hash != two.hash
+    fixed = spec_dict(resources={"cpus": 2}, seeds=[0], base={"train": {"steps": 3, "threads": 1}})
+    assert expand(parse_spec(fixed))[0].hash == one.hash  # threads fixed by the spec: the same computation
 
 
 def test_hash_ignores_fields_the_model_does_not_read():
@@ -124,7 +153,12 @@ def test_cityscapes_paper_grid_covers_the_ablations(repo_root):
 @pytest.mark.skipif(not CAMVID.is_dir(), reason="CamVid not available")
 def test_camvid_spec_expands_with_its_data(repo_root):
     spec = load_spec(repo_root / "ablations" / "camvid.yaml")
-    cells = expand(spec)
+    try:
+        expand(spec)
+    except SpecError as e:  # the ImageNet weights are not in this machine's hub cache: refused before launch
+        assert all("model.weights='imagenet'" in p for p in e.problems), e.problems
+    base = {**spec.base, "model": {**spec.base["model"], "weights": None}}
+    cells = expand(dataclasses.replace(spec, base=base))  # the data (every header of train and val) is fine
     assert spec.resources.gpus == 1 and spec.resources.num_workers == 1
     assert all(Path(c.config.data.root).is_absolute() for c in cells)
 

@@ -123,7 +123,8 @@ def test_grid_resume_skips_finished_records_unrecorded_and_reuses_runs(grid, tmp
     # a cell that trained to the end while no driver recorded it (its result.json is on disk)
     orphan = next(c for c in grid[1] if c.hash not in done | killed)
     (tmp_path / "cells" / orphan.hash).mkdir(parents=True)
-    (tmp_path / "cells" / orphan.hash / "result.json").write_text(json.dumps({"metrics": {"miou": 0.123}}))
+    (tmp_path / "cells" / orphan.hash / "result.json").write_text(
+        json.dumps({"eval_hash": orphan.eval_hash, "metrics": {"miou": 0.123}}))
 
     second = FakeLauncher()
     policy, interrupted = _grid(grid, tmp_path, recorder, second)

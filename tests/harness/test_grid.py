@@ -8,6 +8,7 @@ conftest.py); ``run_grid`` reuses it in-process and subprocess drivers join it. 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from harness.cells import expand
@@ -64,12 +66,36 @@ def test_quickstart_smoke_end_to_end_then_rerun_skips_everything(ray_address: st
 
     report = (out / "report" / "report.md").read_text()  # the grid ends by writing its paper report
     assert "fpn" in report and "miou" in report.lower()
+    # cost columns from the isolated cost phase: one profiling task per variant (5), provenance and IQR in the report
+    assert len(list((out / "cost").glob("*.json"))) == 5 + 1  # + cost.json
+    assert "Cost columns (latency, train step, memory) from: isolated cost phase" in report
+    latency = re.search(r"\| fpn \| .*\| \**([\d.]+)\** \[([\d.]+)\u2013([\d.]+)\] \|", report)  # bold if fastest
+    assert latency and float(latency[2]) <= float(latency[1]) <= float(latency[3]), report
+    assert "Accuracy metrics from: val" in report and "Statistical power vs fpn" in report
+    fpn_row = next(line for line in report.splitlines() if line.startswith("| fpn | fpn |"))
+    assert fpn_row.split(" | ")[2] == "\u2014"  # fpn does not read model.branches: no "dual" there
     again = run_grid(spec, out_dir=out, smoke=True, console=quiet)
     assert again.exit_code == 0 and {r.status for r in again.results} == {"skipped"}
     assert len(mlflow_runs(out, "quickstart-smoke", "cell")) == 10
     assert len(mlflow_runs(out, "quickstart-smoke", "grid")) == 1
     assert all(len(attempts(out / "cells" / r.cell.hash)) == 1 for r in again.results)  # nothing trained again
     assert again.results[0].metrics["miou"] == pytest.approx(summary.results[0].metrics["miou"])
+
+    # only eval.tolerances changes: every cell is scored again from its final checkpoint, nothing trains
+    launches = {r.cell.hash: (out / "cells" / r.cell.hash / "attempts.jsonl").read_text() for r in again.results}
+    raw = yaml.safe_load(spec.read_text())
+    raw["base"]["eval"] = {"tolerances": [1, 3]}
+    (tmp_path / "quickstart.yaml").write_text(yaml.safe_dump(raw))
+    scored = run_grid(tmp_path / "quickstart.yaml", out_dir=out, smoke=True, console=quiet)
+    assert scored.exit_code == 0 and [r.cell.hash for r in scored.results] == [r.cell.hash for r in again.results]
+    assert {(r.status, r.attempts, r.evaluations) for r in scored.results} == {("finished", 0, 1)}
+    assert {r.cell.hash: (out / "cells" / r.cell.hash / "attempts.jsonl").read_text()
+            for r in scored.results} == launches  # attempts.jsonl unchanged
+    children = mlflow_runs(out, "quickstart-smoke", "cell")
+    assert len(children) == 10 and all("bf_3px" in c.data.metrics for c in children)  # the same runs, new scores
+    assert {c.data.tags["eval_hash"] for c in children} == {r.cell.eval_hash for r in scored.results}
+    rescored = (out / "report" / "report.md").read_text()
+    assert "BF@3px" in rescored and "BF@2px" not in rescored
 
 
 # ----------------------------------------------------------------------------- retries and failure classes
@@ -143,6 +169,22 @@ def test_sigterm_marks_running_killed_then_rerun_resumes_without_retraining(ray_
     assert len(resumed) == 2 and resumed[1]["resumed"] is True  # from its last checkpoint
     children = mlflow_runs(out, "interrupt", "cell")
     assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}  # the KILLED run was reused
+
+
+# ----------------------------------------------------------------------------- one computation per hash
+
+
+def test_a_grid_cell_and_ddsm_bench_train_of_its_config_give_the_same_metrics(ray_address: str, tmp_path: Path,
+                                                                             quiet, write_spec, tiny_base, capsys):
+    spec = write_spec(tmp_path / "repro.yaml", base=tiny_base, resources={"cpus": 2}, cost={"enabled": False})
+    summary = run_grid(spec, out_dir=tmp_path / "grid", console=quiet)
+    (r,) = summary.results
+    assert summary.exit_code == 0 and r.cell.config.train.threads == 2  # the trial's 2 CPUs, in the hash
+    cell = tmp_path / "grid" / "cells" / r.cell.hash
+    assert main(["train", str(cell / "config.yaml"), "--out", str(tmp_path / "alone")]) == 0  # here: 1 thread
+    grid, alone = (json.loads((d / "metrics.json").read_text()) for d in (cell, tmp_path / "alone"))
+    for key in ("miou", "pixel_acc", "bf_1px", "bf_2px", "biou", "per_class_iou"):
+        assert grid[key] == alone[key], key
 
 
 # ----------------------------------------------------------------------------- DDP and resources

@@ -8,7 +8,7 @@ import pytest
 from optuna.trial import TrialState
 
 from ddsm.config import ConfigError
-from harness.optuna_study import best_spec, build_pruner, count_finished, open_study
+from harness.optuna_study import best_spec, build_pruner, build_sampler, count_finished, open_study
 from harness.tune_spec import parse_tune_spec
 
 
@@ -59,8 +59,24 @@ def test_best_spec_has_one_baseline_per_distinct_pareto_point(tmp_path: Path, ti
                                                   values=values))
     best = best_spec(spec, study)
     assert [b["name"] for b in best["baselines"]] == ["trial0", "trial1"]
-    assert best["baselines"][1]["overrides"] == {"train.lr": 0.02, "model.branches": "dual", "model.pooled_size": 4}
+    assert best["baselines"][1]["overrides"] == {"train.lr": 0.02, "model.branches": "dual", "model.pooled_size": 4,
+                                                 "data.val_split": "val"}  # tuned on minival, confirmed on val
     assert best["seeds"] == [0] and best["base"] == tiny_study()["base"]
+
+
+def test_tpe_keeps_concurrent_trials_apart_explicitly(tiny_study):
+    # constant_liar is Optuna's default only since 5.0; pyproject allows optuna>=3.6, so it is passed
+    assert build_sampler(parse_tune_spec(tiny_study()).search)._constant_liar is True
+
+
+def test_a_study_of_another_objective_split_is_not_continued(tmp_path: Path, tiny_study):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    minival = parse_tune_spec(tiny_study())
+    open_study(minival, storage=storage, study_name="s").enqueue_trial({"train.lr": 0.01})
+    on_test = tiny_study()
+    on_test["base"]["data"]["val_split"] = "test"
+    with pytest.raises(ConfigError, match="validated on minival, this spec's trials validate on test"):
+        open_study(parse_tune_spec(on_test), storage=storage, study_name="s")
 
 
 def test_successive_halving_rungs_start_at_the_first_validation(tiny_study):

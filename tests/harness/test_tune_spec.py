@@ -23,10 +23,15 @@ def test_shipped_specs_parse_with_their_intended_strategy(repo_root):
     assert quick.metrics == ["miou"] and quick.pruning and quick.sampler["type"] == "tpe"
     names = [p.name for p in quick.params]
     assert names.index("model.branches") < names.index("model.pooled_size")  # parent sampled first
-    city = load_tune_spec(repo_root / "ablations/tune_cityscapes.yaml")
+    city = load_tune_spec(repo_root / "ablations/tune_cityscapes.yaml", check_paths=False)  # no Cityscapes here
     assert city.search.multi and not city.search.pruning and city.search.sampler["type"] == "nsga2"
     assert city.search.directions == ["maximize", "minimize"]
     assert city.resources.num_workers == 8 and city.resources.gpus == 1
+    # every shipped study tunes on minival and reports val; the baselines get their own recipe tuning
+    fpn = load_tune_spec(repo_root / "ablations/tune_cityscapes_baselines.yaml", check_paths=False)
+    for spec in (load_tune_spec(repo_root / "ablations/tune_quickstart.yaml"), city, fpn):
+        assert (spec.objective_split, spec.search.confirm_split, spec.leaks) == ("minival", "val", False)
+    assert fpn.base_config.model.name == "fpn" and fpn.search.pruning
 
 
 def test_conditional_parameter_is_sampled_only_when_its_parent_allows(tiny_study):
@@ -86,3 +91,32 @@ def test_grid_keys_and_several_seeds_are_rejected_in_a_tune_spec(tiny_study):
     with pytest.raises(ConfigError) as e:
         parse_tune_spec(raw)
     assert len(e.value.problems) == 2 and "axes is not allowed" in str(e.value) and "one seed" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- splits: tune on minival, report val
+
+
+def test_a_study_tunes_on_minival_by_default_and_its_best_spec_reports_val(tiny_study):
+    spec = parse_tune_spec(tiny_study())
+    assert spec.objective_split == "minival" and spec.search.confirm_split == "val" and not spec.leaks
+    assert spec.base_config.data.val_split == "minival"
+    assert "tuned on minival, confirmed on val" in spec.split_note()
+
+
+def test_tuning_on_the_split_the_best_spec_reports_exits_2_unless_asked(tmp_path, capsys, tiny_study):
+    from harness.study import study_split_tags
+
+    raw = tiny_study(confirm_split="val")
+    raw["base"]["data"]["val_split"] = "val"
+    path = tmp_path / "leak.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert cli_main(["tune", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "data.val_split='val'" in err and "search.confirm_split='val'" in err and "--tune-on-confirm-split" in err
+    assert not (tmp_path / "out").exists()
+    spec = load_tune_spec(path, allow_leak=True)  # explicit: warned and recorded
+    tags = study_split_tags(spec)
+    assert spec.leaks and tags["split_leak"].startswith("WARNING: tuned on val")
+    assert (tags["objective_split"], tags["confirm_split"]) == ("val", "val")
+    with pytest.raises(ConfigError, match="confirm_split='minival' is not allowed"):
+        parse_tune_spec(tiny_study(confirm_split="minival"))

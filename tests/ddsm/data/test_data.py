@@ -304,8 +304,8 @@ def test_loader_shards_and_validation_batches():
 def test_unknown_name_and_split():
     with pytest.raises(DatasetError, match="data.name='kitti'.*synthetic, camvid, cityscapes"):
         build_dataset(DataConfig(name="kitti"), split="train", train=True)
-    with pytest.raises(DatasetError, match="split='test'"):
-        build_dataset(DataConfig(), split="test", train=False)
+    with pytest.raises(DatasetError, match="split='dev'"):
+        build_dataset(DataConfig(), split="dev", train=False)
 
 
 def test_loader_batches_do_not_depend_on_workers():

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ddsm.config import TrialConfig, from_dict
+from ddsm.config import ConfigError, TrialConfig, from_dict
 from ddsm.engine import (
     Callback,
     CallbackList,
@@ -179,6 +179,7 @@ def test_load_checkpoint_rejects_foreign_files(tmp_path: Path):
     (SystemExit(1), "killed"),
     (TrialKilled("received SIGTERM"), "killed"),
     (ValueError("bad shape"), "error"),
+    (ConfigError("eval.scales=[] is not allowed"), "config"),
 ])
 def test_classify_failure(exc: BaseException, expected: str):
     assert classify_failure(exc) == expected
