@@ -173,7 +173,8 @@ class GridPolicy(Policy):
         r.status, r.started, r.step = ("evaluating" if evaluating else "running"), time.time(), 0
         payload = TrialPayload(key=r.cell.hash, cell_hash=r.cell.hash, name=r.cell.name, config=to_dict(r.cell.config),
                                cell_dir=str(self.cell_dir(r.cell)), attempt=r.evaluations if evaluating else r.attempts,
-                               fail_once=self.fail_once, mode=r.mode, eval_hash=r.cell.eval_hash)
+                               fail_once=self.fail_once, mode=r.mode, eval_hash=r.cell.eval_hash,
+                               figures=self.spec.figures or None)
         tags = {Tag.STATUS: r.status} if evaluating else {Tag.ATTEMPTS: r.attempts, Tag.STATUS: "running"}
         self.recorder.set_tags(r.run_id, tags)
         return Job(payload=payload, owner=r)
@@ -316,7 +317,7 @@ def run_grid(spec: GridSpec | str | Path, *, out_dir: str | Path, address: str |
         parent = recorder.start_parent(
             key=grid_hash([c.hash for c in cells]), name=spec.name,
             tags={Tag.SPEC: spec.source, Tag.GIT_SHA: sha, Tag.SMOKE: spec.mode.smoke, Tag.BASELINE: spec.baseline,
-                  Tag.DESCRIPTION: spec.description},
+                  Tag.DESCRIPTION: spec.description, Tag.FIGURES: json.dumps(spec.figures)},
             params={"cells": len(cells), "seeds": spec.seeds, "max_failures": spec.max_failures,
                     "retry_on": spec.retry_on, **{f"resources.{k}": v for k, v in dataclasses.asdict(res).items()}})
         policy = GridPolicy(spec=spec, cells=cells, out=out_path, recorder=recorder, parent=parent, sha=sha,
