@@ -12,10 +12,10 @@ import argparse
 import sys
 
 from ddsm.config import ConfigError
-from harness import cmd_evaluate, cmd_models, cmd_profile, cmd_report, cmd_run, cmd_train, cmd_tune
+from harness import cmd_evaluate, cmd_figures, cmd_models, cmd_profile, cmd_report, cmd_run, cmd_train, cmd_tune
 
 # Order here is the order in `ddsm-bench --help`.
-COMMANDS = (cmd_models, cmd_train, cmd_evaluate, cmd_profile, cmd_run, cmd_tune, cmd_report)
+COMMANDS = (cmd_models, cmd_train, cmd_evaluate, cmd_profile, cmd_run, cmd_tune, cmd_report, cmd_figures)
 
 
 class UsageError(ConfigError):

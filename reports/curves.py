@@ -80,5 +80,11 @@ def plot_learning_curves(df: pd.DataFrame, histories: pd.DataFrame, *, path: Pat
         ax.set(xlabel="step", ylabel=_axis_label(m) if m != "loss" else "train loss",
                title=metric_label(m) if m != "loss" else "Train loss")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=6, title="mean ± std over seeds; dotted: min/max", title_fontsize=6)
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes[1:]:  # resume marks may appear only on some panels
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h), labels.append(lab)
+    fig.legend(handles, labels, loc="outside lower center", fontsize=7, ncols=min(len(labels), 4),
+               title="mean ± std over seeds (band); dotted: min / max", title_fontsize=7)
     return _save(fig, path, footer)

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 from ddsm.metrics.catalogue import CLASS_BF_SEP, bf_metrics, lookup, tolerance_of
 from reports.render import field_label, metric_label
@@ -118,27 +119,58 @@ def place_labels(ax, xs: np.ndarray, ys: np.ndarray, names: list[str], *, fontsi
         blocked.append((e.x0, e.y0, e.x1, e.y1))
     frame = ax.get_window_extent(renderer)
     out = []
-    for (xi, yi), name in zip(zip(xs, ys), names):
+    for i, ((xi, yi), name) in enumerate(zip(zip(xs, ys), names)):
+        others = np.delete(pts, i, axis=0)  # (P-1, 2): a label nearer another point reads as that point's
         best = None
         for dx, dy in _OFFSETS:
             far = abs(dx) > 6 or abs(dy) > 16
             ann = ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
                               ha="left" if dx > 0 else "right" if dx < 0 else "center",
-                              arrowprops=dict(arrowstyle="-", color="0.5", lw=0.5) if far else None)
-            e = ann.get_window_extent(renderer)
+                              arrowprops=dict(arrowstyle="-", color="0.4", lw=0.7) if far else None)
+            e = _text_box(ann, renderer)
             box = (e.x0, e.y0, e.x1, e.y1)
             inside = frame.x0 <= e.x0 and e.x1 <= frame.x1 and frame.y0 <= e.y0 and e.y1 <= frame.y1
-            if inside and not any(_overlap(box, b) for b in blocked):
+            own = _distance(box, pts[i])
+            nearest_other = min((_distance(box, p) for p in others), default=np.inf)
+            if inside and 2 * own < nearest_other and not any(_overlap(box, b) for b in blocked):
                 best = (ann, box)
                 break
             ann.remove()
-        if best is None:  # nowhere free: the first choice, drawn anyway
+        # nowhere free near the point: stack the label further out, with a leader line to its point
+        for k in range(1, 40) if best is None else ():
+            for dx, dy in ((8, 10 + 11 * k), (8, -10 - 11 * k), (-8, 10 + 11 * k), (-8, -10 - 11 * k)):
+                ann = ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
+                                  ha="left" if dx > 0 else "right",
+                                  arrowprops=dict(arrowstyle="-", color="0.4", lw=0.7))
+                e = _text_box(ann, renderer)
+                box = (e.x0, e.y0, e.x1, e.y1)
+                if not any(_overlap(box, b) for b in blocked):
+                    best = (ann, box)
+                    break
+                ann.remove()
+            if best is not None:
+                break
+        if best is None:  # a crowd beyond any stacking: the first choice, drawn anyway
             ann = ax.annotate(name, (xi, yi), textcoords="offset points", xytext=_OFFSETS[0], fontsize=fontsize)
-            e = ann.get_window_extent(renderer)
+            e = _text_box(ann, renderer)
             best = (ann, (e.x0, e.y0, e.x1, e.y1))
         blocked.append(best[1])
         out.append(best[0])
     return out
+
+
+def _text_box(ann, renderer):
+    """The extent of an annotation's text alone (an Annotation's own extent includes its leader line,
+    which is only laid out at draw time)."""
+    ann.update_positions(renderer)
+    return Text.get_window_extent(ann, renderer)
+
+
+def _distance(box: tuple, point: np.ndarray) -> float:
+    """Distance from a point to a box (x0, y0, x1, y1) in display pixels (0 inside)."""
+    dx = max(box[0] - point[0], 0.0, point[0] - box[2])
+    dy = max(box[1] - point[1], 0.0, point[1] - box[3])
+    return float(np.hypot(dx, dy))
 
 
 def _overlap(a: tuple, b: tuple) -> bool:
@@ -159,13 +191,17 @@ def plot_class_bf(table: Table, *, classes: list[str], path: Path, footer: str =
     fig, (ax,) = _new(width=max(5.5, 0.9 * k * max(v, 2) ** 0.5))
     for i, variant in enumerate(ran):
         xs = np.arange(k) + (i - (v - 1) / 2) * width  # (K,)
-        ax.bar(xs, st.loc[variant, "mean"][wanted].fillna(0) * 100, width, yerr=st.loc[variant, "std"][wanted]
-               .fillna(0) * 100, capsize=2, label=variant, error_kw={"lw": 0.8})
+        mean = st.loc[variant, "mean"][wanted].to_numpy(float) * 100  # (K,): NaN = no image had the class
+        ax.bar(xs, np.nan_to_num(mean), width, yerr=st.loc[variant, "std"][wanted].fillna(0).to_numpy(float) * 100,
+               capsize=2, label=variant, error_kw={"lw": 0.8})
+        for x in xs[np.isnan(mean)]:
+            ax.annotate("n/a", (x, 0), ha="center", va="bottom", fontsize=6, rotation=90, color="0.4")
     bf = wanted[0].partition(CLASS_BF_SEP)[0]
     ax.set_xticks(np.arange(k), [lookup(m).label for m in wanted])
+    ax.set_ylim(bottom=0)  # a score in [0, 100]: the std whiskers below 0 are cut
     ax.set(ylabel=f"{metric_label(bf)} (%)", title=f"Boundary F of the thin classes ({metric_label(bf)})")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncols=min(v, 3))
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", fontsize=7, ncols=min(v, 3))
     return _save(fig, path, footer)
 
 

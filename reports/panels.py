@@ -31,7 +31,7 @@ from ddsm.metrics.boundary import label_bmap
 from reports.figures import _new, _save
 
 __all__ = ["OVERLAY_COLOURS", "boundary_errors", "choose_runs", "colourise", "pick_images", "plot_offset_hist",
-           "plot_panel", "plot_sampling", "read_index"]
+           "plot_panel", "plot_sampling", "read_index", "sampling_figure"]
 
 OVERLAY_COLOURS = {"matched": (40, 200, 60), "unmatched": (230, 30, 30), "missed": (40, 110, 255)}
 PROBE_COLOURS = {"thin": "C1", "boundary": "C0", "flat": "C2", "centre": "C0", "corner": "C2", "largest offset": "C1"}
@@ -176,21 +176,39 @@ def _new_grid(rows: int, cols: int, *, tile: float, aspect: float):
 
 def plot_sampling(variant: str, views: Path, *, path: Path, footer: str = "") -> Path | None:
     """Where one DDSM variant samples on its probe image (module docstring); None without ``sampling.json``."""
+    fig = sampling_figure(variant, views)
+    return _save(fig, path, footer) if fig is not None else None
+
+
+def sampling_figure(variant: str, views: Path):
+    """The figure of :func:`plot_sampling` (a matplotlib Figure, not saved); None without ``sampling.json``."""
     sfile = Path(views) / "sampling.json"
     if not sfile.is_file():
         return None
     data = json.loads(sfile.read_text())
     calls = data["calls"]
     image = np.asarray(Image.open(Path(views) / f"input_{data['image']}.jpg").convert("RGB"))
-    fig, axes = _new(len(calls), width=3.4, height=3.4)
-    for ax, call in zip(axes, calls):
+    branches = [b for b in ("spatial", "channel") if any(c["branch"] == b for c in calls)]
+    rows = [[c for c in calls if c["branch"] == b] for b in branches]  # one row per branch, one column per level
+    cols = max(len(r) for r in rows)
+    fig = _new_grid(len(rows), cols, tile=3.3, aspect=1.0)
+    axes = []
+    for r, row in enumerate(rows):
+        for j in range(cols):
+            ax = fig.axes[r * cols + j]
+            if j < len(row):
+                axes.append(ax)
+            else:
+                ax.set_axis_off()
+    for ax, call in zip(axes, [c for row in rows for c in row]):
         H, W = call["map_size"]
         if call["branch"] == "spatial":
             ax.imshow(image, interpolation="nearest")
+            ax.tick_params(labelsize=6)
             stride = image.shape[0] / H
             ax.set_title(f"{call['name']}\nspatial, stride {stride:g}, map {H}x{W}", fontsize=7)
         else:
-            ax.set_xlim(-1, W), ax.set_ylim(H, -1)
+            ax.set_xlim(-1.5, W + 0.5), ax.set_ylim(H + 0.5, -1.5)
             ax.set_xticks(range(W)), ax.set_yticks(range(H))
             ax.tick_params(labelsize=5)
             ax.grid(alpha=0.3)
@@ -209,7 +227,7 @@ def plot_sampling(variant: str, views: Path, *, path: Path, footer: str = "") ->
         ax.legend(fontsize=5, loc="upper right", framealpha=0.7)
     fig.suptitle(f"{variant}: N sampling points (hollow: base grid, filled: learned) on {data['image']}",
                  fontsize=8)
-    return _save(fig, path, footer)
+    return fig
 
 
 def plot_offset_hist(folders: dict[str, Path], *, path: Path, footer: str = "") -> Path | None:
@@ -230,7 +248,7 @@ def plot_offset_hist(folders: dict[str, Path], *, path: Path, footer: str = "") 
                     label=f"{call['name'].replace('head.', '')} ({call['branch']}, {call['map_size'][0]}x"
                           f"{call['map_size'][1]})")
         ax.set_xscale("log")
-        ax.set(xlabel="|offset| (px of the branch's map; left bin: < 1e-3)", ylabel="share of sampled points",
+        ax.set(xlabel="|offset| (px of the branch's map)", ylabel="share of sampled points",
                title=variant)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=5)
