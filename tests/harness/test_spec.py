@@ -106,3 +106,18 @@ def test_cli_missing_spec_exits_2(tmp_path: Path, capsys):
 def test_unknown_dataset_is_a_problem(spec_dict):
     problems = _problems(spec_dict(base={"data": {"name": "kitti"}}, seeds=[0]))
     assert len(problems) == 1 and "data.name='kitti' is not allowed: expected one of synthetic" in problems[0]
+
+
+def test_figures_block_validated_before_launch(tiny_base):
+    """issue 16: the spec's figures block (ddsm.viz.ViewSettings), every problem named before anything runs."""
+    raw = {"name": "f", "base": tiny_base, "baselines": [{"name": "fpn"}]}
+    spec = parse_spec({**raw, "figures": {"images": 3, "pool": 6, "tolerance": 2, "panel_seed": 0}})
+    assert spec.figures["images"] == 3 and spec.figures["panel_seed"] == 0 and spec.figures["enabled"] is True
+    assert parse_spec(raw).figures["pool"] == 8  # defaults
+    with pytest.raises(SpecError) as e:
+        parse_spec({**raw, "figures": {"tolerance": 5, "imgs": 1}})
+    assert "figures.imgs is not a known option" in str(e.value)
+    with pytest.raises(SpecError, match=r"figures.tolerance=5 is not allowed: expected one of base eval.tolerances"):
+        parse_spec({**raw, "figures": {"tolerance": 5}})
+    with pytest.raises(SpecError, match="figures.pool=1 is not allowed"):
+        parse_spec({**raw, "figures": {"pool": 1}})
