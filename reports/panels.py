@@ -6,8 +6,8 @@ DDSM sampling points and |offset| histograms. Nothing here needs the model, a GP
 
 - :func:`plot_panel`: one image: input, ground truth, then per variant its prediction (top) and its
   boundary-error overlay (bottom): predicted boundary pixels within the tolerance of a ground-truth
-  boundary (matched, green), beyond it (unmatched, red), ground-truth boundary pixels no prediction
-  reaches (missed, blue). Colours: the dataset's palette (``index.json``); a class legend below.
+  boundary (matched, green), beyond it (unmatched, magenta), ground-truth boundary pixels no prediction
+  reaches (missed, cyan). Colours: the dataset's palette (``index.json``); a class legend below.
 - :func:`pick_images`: the fixed images, then the pool images whose boundary F differs most between variants.
 - :func:`plot_sampling`: one DDSM variant: per spatial branch the base grid (hollow) and learned (filled)
   positions of the N points at the probe pixels, in image coordinates; per channel branch the same on
@@ -33,7 +33,7 @@ from reports.figures import _new, _save
 __all__ = ["OVERLAY_COLOURS", "boundary_errors", "choose_runs", "colourise", "pick_images", "plot_offset_hist",
            "plot_panel", "plot_sampling", "read_index", "sampling_figure"]
 
-OVERLAY_COLOURS = {"matched": (40, 200, 60), "unmatched": (230, 30, 30), "missed": (40, 110, 255)}
+OVERLAY_COLOURS = {"matched": (30, 210, 30), "unmatched": (255, 0, 200), "missed": (0, 220, 255)}  # apart from the palettes
 PROBE_COLOURS = {"thin": "C1", "boundary": "C0", "flat": "C2", "centre": "C0", "corner": "C2", "largest offset": "C1"}
 
 

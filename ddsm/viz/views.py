@@ -232,10 +232,9 @@ def save_views_from_checkpoint(checkpoint: str | Path, settings: ViewSettings, *
     where ``views/`` goes (default: the cell folder). Raises ConfigError for a missing checkpoint.
     """
     from ddsm.config import from_dict
-    from ddsm.data import dataset_info
     from ddsm.engine.checkpoint import load_checkpoint
+    from ddsm.engine.reevaluate import trained_model
     from ddsm.engine.train import intra_op_threads, resolve_device
-    from ddsm.models import build_model_from_config
 
     path = Path(checkpoint)
     if path.is_dir():
@@ -247,9 +246,5 @@ def save_views_from_checkpoint(checkpoint: str | Path, settings: ViewSettings, *
     cfg = cfg if cfg is not None else from_dict(ckpt["config"]).validate()
     dev = resolve_device(device or cfg.train.device)
     with intra_op_threads(cfg.train.threads):
-        model = build_model_from_config(cfg.model, num_classes=dataset_info(cfg.data.name, cfg.data).num_classes)
-        model.load_state_dict(ckpt["model"])
-        model = model.to(dev)
-        if cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = trained_model(cfg, ckpt["model"], device=dev)
         return save_views(model, cfg, out_dir if out_dir is not None else path.parent.parent, settings, device=dev)
