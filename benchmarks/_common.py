@@ -180,9 +180,21 @@ def print_table(rows: list[dict[str, object]], columns: list[str]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
-def write_results(name: str, payload: dict[str, object]) -> Path:
-    """Write ``payload`` as benchmarks/results/<name>.json and return the path."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+def write_results(name: str, payload: dict[str, object], *, out_dir: Path | None = None) -> Path:
+    """Write ``payload`` as <out_dir or benchmarks/results>/<name>.json and return the path."""
+    folder = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
     return path
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"256x512"`` -> (256, 512); raises ValueError naming the text otherwise."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        h = w = 0
+    if h < 1 or w < 1:
+        raise ValueError(f"size {text!r} is not allowed: expected HxW with two positive integers, e.g. 256x512")
+    return h, w

@@ -15,12 +15,16 @@ up as growth: the growth target is measured on its own, both sizes round-robin (
 whose work grows exactly 4x, as the yardstick).
 
 Run: ``.venv/bin/python -m benchmarks.bench_modules [--repeats R] [--sizes 32x64,64x128] [--threads T]``;
-prints tables and writes benchmarks/results/bench_modules.json. Runs with OMP_WAIT_POLICY=PASSIVE
-and THP_MEM_ALLOC_ENABLE=1 unless they are set (see benchmarks/_common.py for why).
+prints tables and writes benchmarks/results/bench_modules.json (``--out`` elsewhere). Runs with
+OMP_WAIT_POLICY=PASSIVE and THP_MEM_ALLOC_ENABLE=1 unless they are set (see benchmarks/_common.py).
+On a GPU (what ``benchmarks/gpu_check.py`` runs): ``--device cuda --sizes 64x128,128x256,256x512``;
+every timed call is then synchronised, peak memory is ``torch.cuda.max_memory_allocated`` over one
+fwd+bwd (inputs and parameters excluded), and the attention memory budget is half the GPU's memory.
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -29,7 +33,7 @@ import torch.nn as nn
 from benchmarks._common import (cpu_peak_allocated_bytes, describe, growth_exponent, interleaved_times, load_average,
                                 machine, print_table, set_threads, timing_summary, use_benchmark_env, verdict,
                                 write_results)
-from ddsm.models.context import ChannelAttention, NonLocalBlock, PositionAttention
+from ddsm.models.context import ChannelAttention, NonLocal2d, PositionAttention
 from ddsm.models.ddsm import DDSM
 from ddsm.models.decoder import FlowAlign
 
@@ -47,7 +51,7 @@ class DualAttention(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.pam = PositionAttention(channels)
+        self.pam = PositionAttention(channels, channels // 8)
         self.cam = ChannelAttention()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,21 +66,44 @@ def candidates() -> dict[str, tuple[Callable[[], nn.Module], bool, bool]]:
         for branches in ("spatial", "channel", "dual"):
             factory = lambda b=branches, n=n: DDSM(CHANNELS, branches=b, num_points=n)  # noqa: E731
             out[f"ddsm-{branches}-n{n}"] = (factory, True, False)
-    out["nonlocal"] = (lambda: NonLocalBlock(CHANNELS), False, True)
+    out["nonlocal"] = (lambda: NonLocal2d(CHANNELS), False, True)
     out["danet-dual"] = (lambda: DualAttention(CHANNELS), False, True)
     out["sfnet-flowalign"] = (lambda: FlowAlign(CHANNELS), True, False)
     out["conv3x3"] = (lambda: nn.Conv2d(CHANNELS, CHANNELS, 3, padding=1), False, False)
     return out
 
 
+DEVICE = torch.device("cpu")  # set by --device
+
+
+def memory_budget_gib() -> float:
+    """How much an attention block may need: MEMORY_BUDGET_GIB on CPU, half the GPU's memory on CUDA."""
+    if DEVICE.type == "cuda":
+        return torch.cuda.get_device_properties(DEVICE).total_memory / 2**30 / 2
+    return MEMORY_BUDGET_GIB
+
+
 def attention_skip_reason(h: int, w: int) -> str | None:
     """Why an HW x HW attention block is not run at this size (None: it is run)."""
     matrix = BATCH * (h * w) ** 2 * 4  # one float32 (B, HW, HW) matrix
     need = 3 * matrix  # logits, softmax output (saved for backward) and its gradient live together
-    if need > MEMORY_BUDGET_GIB * 2**30:
+    budget = memory_budget_gib()
+    if need > budget * 2**30:
         return (f"skipped (memory): B x (HW)^2 x 4 B = {matrix / 2**30:.1f} GiB per attention matrix, "
-                f"~{need / 2**30:.0f} GiB live in fwd+bwd > {MEMORY_BUDGET_GIB:.0f} GiB budget")
+                f"~{need / 2**30:.0f} GiB live in fwd+bwd > {budget:.0f} GiB budget")
     return None
+
+
+def peak_bytes(step: Callable[[], None]) -> int:
+    """Peak allocation during one call of ``step`` beyond what was allocated before it (CPU or CUDA)."""
+    if DEVICE.type != "cuda":
+        return cpu_peak_allocated_bytes(step)
+    torch.cuda.synchronize(DEVICE)
+    torch.cuda.reset_peak_memory_stats(DEVICE)
+    before = torch.cuda.memory_allocated(DEVICE)
+    step()
+    torch.cuda.synchronize(DEVICE)
+    return torch.cuda.max_memory_allocated(DEVICE) - before
 
 
 def count_gflops(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[float | None, list[str]]:
@@ -100,15 +127,15 @@ def make_step(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[
         for x in inputs:
             x.grad = None
         module(*inputs).backward(grad)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize(DEVICE)  # wall clocks see the work, as on CPU
 
     return step
 
 
 def bench_size(h: int, w: int, *, repeats: int) -> list[dict[str, object]]:
     """All candidates at one size: timing (round-robin), peak memory, GFLOPs."""
-    gen = torch.Generator().manual_seed(0)
-    x_l = torch.randn(BATCH, CHANNELS, h, w, generator=gen).requires_grad_()
-    x_h = torch.randn(BATCH, CHANNELS, h // 2, w // 2, generator=gen).requires_grad_()
+    x_l, x_h = _inputs(h, w)
     rows, steps, modules = [], {}, {}
     for name, (factory, pair, quadratic) in candidates().items():
         row = {"module": name, "size": f"{h}x{w}", "hw": h * w}
@@ -117,7 +144,7 @@ def bench_size(h: int, w: int, *, repeats: int) -> list[dict[str, object]]:
             row["skipped"] = reason
         else:
             torch.manual_seed(0)
-            modules[name] = (factory(), (x_l, x_h) if pair else (x_l,))
+            modules[name] = (factory().to(DEVICE), (x_l, x_h) if pair else (x_l,))
             steps[name] = make_step(*modules[name])
         rows.append(row)
     cpu: dict[str, list[float]] = {}
@@ -129,10 +156,18 @@ def bench_size(h: int, w: int, *, repeats: int) -> list[dict[str, object]]:
         row.update({f"time_{k}_ms": v for k, v in timing_summary(times[name]).items()})
         row["cpu_median_ms"] = timing_summary(cpu[name])["median"]
         row["times_ms"] = times[name]
-        row["peak_mib"] = cpu_peak_allocated_bytes(steps[name]) / 2**20
+        row["peak_mib"] = peak_bytes(steps[name]) / 2**20
         row["gflops"], row["uncounted_ops"] = count_gflops(*modules[name])
         row["params_m"] = sum(p.numel() for p in modules[name][0].parameters()) / 1e6
     return rows
+
+
+def _inputs(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded x_l (B, C, h, w) and x_h (B, C, h/2, w/2) on DEVICE, requiring grad."""
+    gen = torch.Generator().manual_seed(0)
+    x_l = torch.randn(BATCH, CHANNELS, h, w, generator=gen).to(DEVICE).requires_grad_()
+    x_h = torch.randn(BATCH, CHANNELS, h // 2, w // 2, generator=gen).to(DEVICE).requires_grad_()
+    return x_l, x_h
 
 
 def growth(rows: list[dict[str, object]]) -> list[dict[str, object]]:
@@ -154,13 +189,11 @@ def paired_growth(*, repeats: int) -> dict[str, dict[str, float]]:
     with the two sizes timed round-robin so that both see the same machine load."""
     steps = {}
     for (h, w) in (TARGET_SIZE, GROWTH_SIZE):
-        gen = torch.Generator().manual_seed(0)
-        x_l = torch.randn(BATCH, CHANNELS, h, w, generator=gen).requires_grad_()
-        x_h = torch.randn(BATCH, CHANNELS, h // 2, w // 2, generator=gen).requires_grad_()
+        x_l, x_h = _inputs(h, w)
         for name in (DDSM_REF, "conv3x3"):
             factory, pair, _ = candidates()[name]
             torch.manual_seed(0)
-            steps[(name, h)] = make_step(factory(), (x_l, x_h) if pair else (x_l,))
+            steps[(name, h)] = make_step(factory().to(DEVICE), (x_l, x_h) if pair else (x_l,))
     cpu: dict = {}
     wall = interleaved_times(steps, repeats=repeats, warmup=1, cpu_times=cpu)
     med = lambda d, k: timing_summary(d[k])["median"]  # noqa: E731
@@ -204,10 +237,16 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--repeats", type=int, default=0, help="round-robin repeats per size (0 = 10/5/5 by size)")
     parser.add_argument("--sizes", default=",".join(f"{h}x{w}" for h, w in SIZES), help="e.g. 32x64,64x128")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON here (default benchmarks/results/)")
     args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     set_threads(args.threads)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     info = machine()
+    if DEVICE.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(DEVICE)
     rows = []
     for h, w in sizes:
         print(f"[bench_modules] {h}x{w} (load average {load_average()})", flush=True)
@@ -221,9 +260,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
               "CPU ms": _fmt(r.get("cpu_median_ms"), ".0f"),
               "peak MiB": _fmt(r.get("peak_mib"), ".0f"), "GFLOPs": _fmt(r.get("gflops"), ".2f"),
               "note": r.get("skipped", "")} for r in rows]
-    print(f"\nForward+backward, C={CHANNELS}, batch {BATCH}; {describe(info)}\nmedian/IQR = wall time, "
-          "CPU ms = process CPU time (median); peak MiB = peak CPU allocation during one fwd+bwd "
-          "(torch.profiler memory events, params/inputs excluded); GFLOPs = forward, ddsm.profile.count_flops")
+    where = f"{DEVICE} ({info['gpu']})" if DEVICE.type == "cuda" else "cpu"
+    print(f"\nForward+backward on {where}, C={CHANNELS}, batch {BATCH}; {describe(info)}\nmedian/IQR = wall time, "
+          f"CPU ms = process CPU time (median); peak MiB = peak {DEVICE.type.upper()} allocation during one fwd+bwd "
+          "(params/inputs excluded); GFLOPs = forward, ddsm.profile.count_flops")
     print_table(table, ["module", "size", "median ms", "IQR ms", "CPU ms", "peak MiB", "GFLOPs", "note"])
     grow = growth(rows)
     print("\nGrowth of fwd+bwd time with H*W (exponent: time ~ (HW)^e over the measured sizes)")
@@ -233,10 +273,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print_table([{**t, "measured": _fmt(t["measured"], ".3f")} for t in tgt],
                 ["target", "measured", "target_value", "verdict"])
     info["load_avg_1min_end"] = load_average()
-    payload = {"benchmark": "bench_modules", "machine": info, "channels": CHANNELS, "batch": BATCH,
-               "memory_kind": "cpu_profiler_allocated_during_fwd_bwd", "rows": rows, "growth": grow,
-               "growth_paired": growth_pair, "targets": tgt}
-    print(f"\nwrote {write_results('bench_modules', payload)}")
+    payload = {"benchmark": "bench_modules", "machine": info, "device": str(DEVICE), "channels": CHANNELS,
+               "batch": BATCH, "memory_kind": ("cuda_max_memory_allocated_during_fwd_bwd" if DEVICE.type == "cuda"
+                                               else "cpu_profiler_allocated_during_fwd_bwd"),
+               "rows": rows, "growth": grow, "growth_paired": growth_pair, "targets": tgt}
+    print(f"\nwrote {write_results('bench_modules', payload, out_dir=args.out)}")
     return payload
 
 

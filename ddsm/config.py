@@ -32,8 +32,11 @@ class ModelConfig:
     name: str = "ddsm"  # a registered model (see `ddsm-bench models`)
     backbone: str = "resnet18"  # resnet18 | resnet34 | resnet50 | resnet101
     weights: str | None = None  # None (random init) | "imagenet" | path to a local state dict
-    aux: bool = False  # auxiliary FCN head on stage 3 (training only)
-    decoder_dim: int = 0  # FPN/context width; 0 = 128 for resnet18/34, 256 for resnet50/101
+    aux: bool | None = None  # auxiliary FCN head on stage 3 (training only); None = as the model's reference
+    decoder_dim: int = 0  # head width; 0 = the reference's (FPN decoder 128/256, context heads 128/512)
+    # FPN-decoder models (fpn, sfnet, ddsm), see ddsm/models/decoder.py and backbone.py
+    align_corners: bool = True  # one interpolation convention through the decoder (SFSegNets: true)
+    backbone_dilation: str = "sfsegnets"  # sfsegnets (variant D: stages 4/5 conv2 dilated 2/4, stride kept) | none
     # DDSM options (see ddsm/models/ddsm.py for what each choice means)
     branches: str = "dual"  # spatial | channel | dual
     num_points: int = 9  # N sampled points/channels, a perfect square k*k with k in 1..7
@@ -42,6 +45,11 @@ class ModelConfig:
     fusion: str = "sum"  # sum | concat
     offset_range: float = 0.0  # 0 = unbounded offsets; > 0 bounds them by tanh * range (pixels)
     inner_ratio: float = 0.5  # internal width of the spatial branch = ratio * decoder_dim
+    spatial_out_of_map: str = "mask"  # mask | zero: a point outside the image (see ddsm/models/sampling.py)
+    channel_out_of_map: str = "mask"  # mask | zero: a point outside the channel grid
+    channel_order: str = "natural"  # natural | permuted (fixed random grid permutation, seeded by train.seed)
+    grid_dilation: int = 1  # spacing of the spatial branch's k x k base grid (pixels)
+    learn_offsets: bool = True  # false: points stay on the (dilated) base grid
 
 
 @dataclass
@@ -53,7 +61,8 @@ class DataConfig:
     crop_size: tuple[int, int] = (128, 128)  # training crop (H, W)
     scale_range: tuple[float, float] = (0.5, 2.0)  # random scale for training
     flip: bool = True
-    jitter: float = 0.25  # photometric jitter strength; 0 disables
+    jitter: float = 0.25  # brightness / contrast / saturation jitter strength; 0 disables
+    hue: float = 0.0  # hue jitter in [0, 0.5] (fraction of the colour wheel; SFSegNets: 0.25); 0 disables
     batch_size: int = 8
     workers: int = 0
     # what a trial validates on (see ddsm/data/__init__.py): val | test | minival (held out of train)
@@ -136,6 +145,7 @@ class TrialConfig:
         _check(0 < d.scale_range[0] <= d.scale_range[1], "data.scale_range", d.scale_range,
                "(low, high) with 0 < low <= high")
         _check(d.jitter >= 0, "data.jitter", d.jitter, "a float >= 0 (0 disables it)")
+        _check(0.0 <= d.hue <= 0.5, "data.hue", d.hue, "a float in [0, 0.5]")
         _check(d.val_split in VAL_SPLITS, "data.val_split", d.val_split, f"one of {', '.join(VAL_SPLITS)}")
         _check(d.minival_size >= 0, "data.minival_size", d.minival_size,
                "0 (a tenth of the train split) or a number of images >= 1")

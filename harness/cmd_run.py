@@ -4,8 +4,9 @@ Changing only ``eval.*`` or ``data.val_split`` and re-running scores every finis
 final checkpoint (nothing is trained); ``--reevaluate`` forces that for every finished cell.
 
 Exit codes: 0 every cell finished, 1 some cells failed after their retries (the others completed),
-2 bad input (spec, data files, resources, storage; nothing was launched), 130 interrupted (Ctrl-C /
-SIGTERM: running cells are marked KILLED; re-run the same command to resume).
+2 bad input or a service that does not answer (spec, data files, resources, storage, tracking store, Ray
+cluster; nothing was launched), 130 interrupted (Ctrl-C / SIGTERM: running cells are marked KILLED; re-run
+the same command to resume).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / spec.name
     summary = run_grid(spec, out_dir=out, address=args.address, tracking_uri=args.tracking_uri,
                        max_concurrent=args.max_concurrent, log_checkpoints=args.log_checkpoints,
+                       artifact_location=args.artifact_location, dashboard=args.dashboard,
                        reevaluate=args.reevaluate)
     return summary.exit_code
 

@@ -9,7 +9,8 @@ exported best.yaml reports search.confirm_split (val). Tuning on the split that 
 unless --tune-on-confirm-split is given (then it is printed as a warning and recorded).
 
 Exit codes: 0 the budget is reached and at least one trial completed, 1 no trial completed, 2 bad
-input (spec, search space, resources, storage; nothing was launched), 130 interrupted (Ctrl-C /
+input or a service that does not answer (spec, search space, resources, storage, tracking store, Ray
+cluster; nothing was launched), 130 interrupted (Ctrl-C /
 SIGTERM: finished trials are kept, running ones are marked FAIL and re-queued; re-run to resume).
 """
 from __future__ import annotations
@@ -51,5 +52,6 @@ def tune(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else Path("runs") / spec.name
     summary = run_study(spec, out_dir=out, address=args.address, tracking_uri=args.tracking_uri,
-                        max_concurrent=args.max_concurrent, n_trials=args.n_trials)
+                        max_concurrent=args.max_concurrent, n_trials=args.n_trials,
+                        artifact_location=args.artifact_location, dashboard=args.dashboard)
     return summary.exit_code

@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ddsm.metrics.catalogue import bf_metrics, lookup
+from harness.secrets import redact
 
 __all__ = ["ProgressBoard", "StudyLog", "comparison_rows", "print_dry_run", "print_grid_summary",
            "print_study_summary", "stdout_console", "summary_metric_keys"]
@@ -37,9 +38,11 @@ def stdout_console(console: Console | None = None) -> Console:
     return console or Console(width=None if sys.stdout.isatty() else 200)
 
 
-def browse_line(tracking_uri: str) -> str:
-    """How to open the runs in the MLflow UI."""
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
+def browse_line(tracking_uri: str, experiment_id: str | None = None) -> str:
+    """How to open the runs in the MLflow UI (:func:`harness.mlflow_io.ui_hint`; passwords hidden)."""
+    from harness.mlflow_io import ui_hint
+
+    return ui_hint(tracking_uri, experiment_id)
 
 
 # ============================================================================ grid
@@ -168,7 +171,8 @@ def print_grid_summary(summary: Any, *, console: Console | None = None) -> None:
     n_done = sum(r.done for r in summary.results)
     state = "interrupted" if summary.interrupted else "done"
     out.print(f"{state}: {n_done}/{len(summary.results)} cells finished; results in {summary.out_dir}", highlight=False)
-    out.print(f"browse: {browse_line(summary.tracking_uri)}", highlight=False)
+    out.print(f"browse: {browse_line(summary.tracking_uri, summary.experiment_id)}", highlight=False, markup=False,
+              soft_wrap=True)
 
 
 def print_report_written(summary: Any, paths: dict[str, Any] | None, error: Exception | None, *,
@@ -176,11 +180,11 @@ def print_report_written(summary: Any, paths: dict[str, Any] | None, error: Exce
     """Where the grid's report went (or why it is missing: the results are safe in MLflow regardless)."""
     out = stdout_console(console)
     if error is not None:
-        out.print(f"[yellow]report not written: {type(error).__name__}: {error}[/yellow]")
+        out.print(f"report not written: {type(error).__name__}: {redact(str(error))}", style="yellow", markup=False)
         return
     out.print(f"report: {summary.out_dir / 'report' / 'report.md'} ({len(paths or {})} files; "
               f"re-create with `ddsm-bench report --run {summary.parent_run_id} "
-              f"--tracking-uri {summary.tracking_uri} --out DIR`)", highlight=False)
+              f"--tracking-uri {redact(summary.tracking_uri)} --out DIR`)", highlight=False, markup=False)
 
 
 def print_dry_run(spec: Any, rows: list[dict[str, Any]]) -> None:
@@ -250,7 +254,7 @@ def print_study_summary(summary: Any, best: list[dict[str, Any]], console: Conso
     if "best" in summary.outputs:
         console.print(f"confirm with more seeds: ddsm-bench run {summary.outputs['best']}", highlight=False,
                       soft_wrap=True)
-    console.print(f"results in {summary.out_dir}; browse: {browse_line(summary.tracking_uri)}",
+    console.print(f"results in {summary.out_dir}; browse: {browse_line(summary.tracking_uri, summary.experiment_id)}",
                   highlight=False, soft_wrap=True)
 
 

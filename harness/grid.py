@@ -36,6 +36,7 @@ import json
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,8 @@ from harness import console as view
 from harness.cells import HASH_VERSION, Cell, eval_fields, expand, grid_hash, train_params
 from harness.driver import RESULT_FILE, Event, Job, Policy, Recorder, TrialOutcome, TrialPayload, write_json
 from harness.mlflow_io import Tag, record_event, write_report_from_mlflow
-from harness.session import cluster, default_concurrency, git_sha, open_recorder, run_policy
+from harness.session import (cluster, default_concurrency, git_sha, open_recorder, preflight, print_where_to_look,
+                             run_policy)
 from harness.spec import GridSpec, load_spec
 from harness.worker import FAIL_ONCE_ENV, cell_artifacts
 
@@ -134,7 +136,7 @@ class GridPolicy(Policy):
                 r.run_id = found.run_id
                 if found.eval_hash == r.cell.eval_hash and not self.reevaluate:
                     r.status = "skipped"
-                    r.metrics = self.recorder.final_metrics(found.run_id)
+                    r.metrics = found.metrics if found.metrics is not None else self.recorder.final_metrics(found.run_id)
                 else:  # the weights are done; only how they are scored changed
                     r.mode = "evaluate" if trained else "train"
                 continue
@@ -163,20 +165,22 @@ class GridPolicy(Policy):
         if not self.pending:
             return None
         r = self.pending.popleft()
-        if r.run_id is None or (r.attempts == 0 and r.evaluations == 0):
-            self._open_run(r)
         evaluating = r.mode == "evaluate"
+        status = "evaluating" if evaluating else "running"
+        tags = {Tag.STATUS: status} if evaluating else {Tag.ATTEMPTS: r.attempts + 1, Tag.STATUS: status}
+        if r.run_id is None or (r.attempts == 0 and r.evaluations == 0):
+            self._open_run(r, tags)
+        else:
+            self.recorder.set_tags(r.run_id, tags)
         if evaluating:
             r.evaluations += 1
         else:
             r.attempts += 1
-        r.status, r.started, r.step = ("evaluating" if evaluating else "running"), time.time(), 0
+        r.status, r.started, r.step = status, time.time(), 0
         payload = TrialPayload(key=r.cell.hash, cell_hash=r.cell.hash, name=r.cell.name, config=to_dict(r.cell.config),
                                cell_dir=str(self.cell_dir(r.cell)), attempt=r.evaluations if evaluating else r.attempts,
                                fail_once=self.fail_once, mode=r.mode, eval_hash=r.cell.eval_hash,
                                figures=self.spec.figures or None)
-        tags = {Tag.STATUS: r.status} if evaluating else {Tag.ATTEMPTS: r.attempts, Tag.STATUS: "running"}
-        self.recorder.set_tags(r.run_id, tags)
         return Job(payload=payload, owner=r)
 
     def on_event(self, job: Job, event: Event, *, final: bool) -> bool:
@@ -227,16 +231,17 @@ class GridPolicy(Policy):
         r.status = "killed"
         self.recorder.end_run(r.run_id, status="KILLED", tags={Tag.STATUS: "killed", Tag.FAILURE_CLASS: "killed"})
 
-    def _open_run(self, r: CellResult) -> None:
+    def _open_run(self, r: CellResult, extra: dict[str, Any] | None = None) -> None:
         """Create (or reopen) the child run of a cell: params are what trains the weights (never change), the
-        evaluation fields are tags (a re-evaluation changes them)."""
+        evaluation fields are tags (a re-evaluation changes them), plus the ``extra`` tags."""
         cell = r.cell
         r.run_id = self.recorder.start_run(
             name=cell.name, parent_id=self.parent, cell_hash=cell.hash, reuse=r.run_id,
             params=train_params(cell.config),
             tags={Tag.SEED: cell.seed, Tag.VARIANT: cell.variant, Tag.BASELINE: cell.baseline,
                   Tag.REFERENCE: cell.reference or "", Tag.GIT_SHA: self.sha, Tag.SPEC: self.spec.source,
-                  Tag.FAILURE_CLASS: "none", Tag.CELL_DIR: str(self.cell_dir(cell)), **eval_fields(cell.config)})
+                  Tag.FAILURE_CLASS: "none", Tag.CELL_DIR: str(self.cell_dir(cell)), **eval_fields(cell.config),
+                  **(extra or {})})
 
     def _finish(self, r: CellResult, metrics: dict[str, float]) -> None:
         """Record the final scores (timed costs as ``trial_*`` diagnostics) under the cell's eval hash."""
@@ -280,8 +285,9 @@ def check_out_dir(out: Path) -> None:
 
 def run_grid(spec: GridSpec | str | Path, *, out_dir: str | Path, address: str | None = None,
              tracking_uri: str | None = None, max_concurrent: int | None = None, smoke: bool = False,
-             log_checkpoints: bool = False, reevaluate: bool = False, console: Any = None,
-             measure_cost: Any = None) -> GridSummary:
+             log_checkpoints: bool = False, reevaluate: bool = False, artifact_location: str | None = None,
+             dashboard: bool = False, console: Any = None, measure_cost: Any = None,
+             train_fn: Callable[..., dict] | None = None, fresh_workers: bool = True) -> GridSummary:
     """Run every cell of a grid on Ray, tracked in MLflow, resuming an earlier run in ``out_dir``.
 
     Args:
@@ -295,13 +301,18 @@ def run_grid(spec: GridSpec | str | Path, *, out_dir: str | Path, address: str |
         log_checkpoints: also upload each cell's last checkpoint as an MLflow artifact.
         reevaluate: score every finished cell again from its final checkpoint (``--reevaluate``); cells whose
             eval hash changed are re-evaluated anyway.
+        artifact_location: where a new experiment keeps its artifacts (default ``<out>/mlartifacts``, or
+            the server's default for an http(s) tracking URI).
+        dashboard: start the Ray dashboard with a local instance (its URL is printed).
         console: a rich Console for the live table and the summary (None: stderr and stdout).
         measure_cost: ``task -> record`` for the cost phase (None: :func:`harness.cost.measure` alone on its
             device through :func:`harness.ray_backend.run_isolated`); tests pass a fake.
+        train_fn, fresh_workers: the trial seam (:class:`harness.ray_backend.RayLauncher`): what trains
+            inside each trial (default the engine) and whether each trial gets a fresh worker process.
 
     Raises:
-        ConfigError: bad spec, unschedulable resources, unshared storage, or an out dir of another hash
-            version; nothing was launched.
+        ConfigError: bad spec, unreachable tracking store or cluster, unschedulable resources, unshared
+            storage, or an out dir of another hash version; nothing was launched.
     """
     if isinstance(spec, (str, Path)):
         spec = load_spec(spec)
@@ -310,8 +321,12 @@ def run_grid(spec: GridSpec | str | Path, *, out_dir: str | Path, address: str |
     res = spec.trial_resources
     out_path = Path(out_dir).resolve()
     check_out_dir(out_path)
-    with cluster(address=address, resources=res, out=out_path):
-        recorder = open_recorder(tracking_uri=tracking_uri, out=out_path, experiment=spec.experiment)
+    preflight(tracking_uri=tracking_uri, out=out_path)
+    with cluster(address=address, resources=res, out=out_path, dashboard=dashboard) as connection:
+        recorder = open_recorder(tracking_uri=tracking_uri, out=out_path, experiment=spec.experiment,
+                                 artifact_location=artifact_location)
+        print_where_to_look(recorder, connection, console=view.stdout_console(console),
+                            artifact_location=artifact_location)
         write_grid_json(out_path / "grid.json", spec, cells)
         sha = git_sha()
         parent = recorder.start_parent(
@@ -325,7 +340,8 @@ def run_grid(spec: GridSpec | str | Path, *, out_dir: str | Path, address: str |
                             reevaluate=reevaluate)
         with view.ProgressBoard(policy.results, console=console) as board:
             interrupted = run_policy(policy, resources=res, recorder=recorder, console=board,
-                                     limit=max_concurrent or default_concurrency(res))
+                                     limit=max_concurrent or default_concurrency(res), train_fn=train_fn,
+                                     fresh_workers=fresh_workers)
         cost: dict[str, dict[str, Any]] = {}
         if not interrupted and spec.cost.enabled:
             try:

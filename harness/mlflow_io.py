@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import itertools
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
 from mlflow import MlflowClient
@@ -39,9 +41,10 @@ from mlflow.exceptions import MlflowException
 
 from ddsm.config import ConfigError
 from harness.driver import Event, Recorder
+from harness.secrets import redact
 
-__all__ = ["CellRun", "GridRuns", "MlflowRecorder", "RUN_TAGS", "Tag", "iter_runs", "load_runs", "reader_uri",
-           "record_event", "store_uri", "write_report_from_mlflow"]
+__all__ = ["CellRun", "GridRuns", "MlflowRecorder", "RUN_TAGS", "Tag", "artifact_uri", "experiment_tags", "iter_runs",
+           "load_runs", "reader_uri", "record_event", "store_uri", "ui_hint", "write_report_from_mlflow"]
 
 for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -86,7 +89,12 @@ class Tag:
     ELAPSED_S = "elapsed_s"
     DEVICE = "device"
     TORCH = "torch"
-    HOST = "host"
+    HOST = "host"  # where the attempt ran (DDP: every rank's host, comma-joined)
+    NODE_ID = "ray_node_id"  # Ray node id(s)
+    GPU_IDS = "gpu_ids"  # ray.get_gpu_ids() (DDP: per rank, in rank order), comma-joined; "" on CPU
+    GPU_UUIDS = "gpu_uuids"
+    CUDA_VISIBLE_DEVICES = "cuda_visible_devices"
+    WORKERS = "workers"  # DDP: JSON list of every rank's placement
     OPTUNA_TRIAL = "optuna_trial"
     OPTUNA_STATE = "optuna_state"  # RUNNING | COMPLETE | PRUNED | FAIL
     OPTUNA_PARAMS = "optuna_params"
@@ -122,10 +130,49 @@ def store_uri(uri: str | None, *, folder: str | Path, must_exist: bool = False) 
     return uri
 
 
+def artifact_uri(location: str | Path | None) -> str | None:
+    """An experiment's artifact location: a URI as given (``s3://``, ``file://``, ...), a path as ``file://``."""
+    if location is None:
+        return None
+    text = str(location)
+    return text if "://" in text else Path(text).resolve().as_uri()
+
+
+# The MLflow UI opens an experiment on its GenAI traces page unless the experiment says what it is
+# (mlflow/server/js: the experiment tag "mlflow.experimentKind", values "genai_development" and
+# "custom_model_development"); a shared view state (tag "mlflow.sharedViewState.<key>", opened by the
+# URL's ?viewStateShareKey=<key>) picks the runs table's columns.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+VIEW_KEY = "ddsmbench"
+VIEW_COLUMNS = ("tags.`variant`", "tags.`seed`", "tags.`status`", "metrics.`miou`", "metrics.`pixel_acc`",
+                "metrics.`gflops`", "metrics.`latency_ms`")
+
+
+def experiment_tags() -> dict[str, str]:
+    """Tags every ddsm-bench experiment carries so the MLflow UI opens on its runs table with key columns."""
+    view = {"selectedColumns": list(VIEW_COLUMNS), "orderByKey": "attributes.start_time", "orderByAsc": False}
+    return {EXPERIMENT_KIND: "custom_model_development", f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(view)}
+
+
+def ui_hint(tracking_uri: str, experiment_id: str | None = None) -> str:
+    """Where to browse the runs: the server's URL for http(s), else the ``mlflow ui`` command for the store
+    (password hidden), and the experiment's page on it."""
+    page = f"#/experiments/{experiment_id}?viewStateShareKey={VIEW_KEY}" if experiment_id else ""
+    parts = urlsplit(tracking_uri)
+    if parts.scheme in ("http", "https"):  # the server is the UI (no userinfo: the browser asks for it)
+        netloc = parts.netloc.rpartition("@")[2]
+        return f"{urlunsplit((parts.scheme, netloc, parts.path.rstrip('/'), '', ''))}/{page}"
+    return f"mlflow ui --backend-store-uri {redact(tracking_uri)}, then open http://127.0.0.1:5000/{page}"
+
+
 def reader_uri(uri: str | None) -> str:
     """What ``ddsm-bench report`` reads: ``uri``, else ``$MLFLOW_TRACKING_URI``, else ``./mlflow.db``
     (never created)."""
-    return store_uri(uri or os.environ.get("MLFLOW_TRACKING_URI"), folder=Path.cwd(), must_exist=True)
+    from harness.preflight import check_tracking_uri
+
+    found = store_uri(uri or os.environ.get("MLFLOW_TRACKING_URI"), folder=Path.cwd(), must_exist=True)
+    check_tracking_uri(found)
+    return found
 
 
 def iter_runs(client: Any, experiment_ids: list[str], *, filter_string: str = "",
@@ -155,25 +202,31 @@ class CellRun:
     cell_hash: str
     status: str  # RUNNING | FINISHED | FAILED | KILLED | SCHEDULED
     eval_hash: str = ""  # how its final scores were computed ("" for runs of hash version 1)
+    metrics: dict[str, float] | None = None  # the latest value of each metric, as the search returned them
 
 
 class MlflowRecorder:
     """Driver-side MLflow writer for one grid or study: parent run, child runs, buffered metrics."""
 
-    def __init__(self, *, tracking_uri: str, experiment: str, artifact_root: Path | None = None) -> None:
+    def __init__(self, *, tracking_uri: str, experiment: str, artifact_root: str | Path | None = None) -> None:
         """Args:
         tracking_uri: any MLflow tracking URI (see :func:`store_uri`).
         experiment: experiment name (the spec name); created if missing.
-        artifact_root: where a newly created experiment stores artifacts (None: the server's default).
+        artifact_root: where a newly created experiment stores artifacts: a local path or any artifact URI
+            (``s3://...``); None: the server's default. An existing experiment keeps its own.
         """
         self._client = MlflowClient(tracking_uri=tracking_uri)
         self.tracking_uri = tracking_uri
         found = self._client.get_experiment_by_name(experiment)
         if found is not None:
             self.experiment_id = found.experiment_id
+            self.artifact_location = found.artifact_location
         else:
-            location = Path(artifact_root).resolve().as_uri() if artifact_root else None
+            location = artifact_uri(artifact_root)
             self.experiment_id = self._client.create_experiment(experiment, artifact_location=location)
+            self.artifact_location = self._client.get_experiment(self.experiment_id).artifact_location
+        for key, value in experiment_tags().items():
+            self._client.set_experiment_tag(self.experiment_id, key, value)
         self._metrics: dict[str, list[Metric]] = {}
 
     def _search(self, filter_string: str) -> list:
@@ -193,14 +246,15 @@ class MlflowRecorder:
         return run_id
 
     def cell_runs(self) -> dict[str, CellRun]:
-        """The latest child run of each cell hash in the experiment (a FINISHED one wins)."""
+        """The latest child run of each cell hash in the experiment (a FINISHED one wins), with its final
+        metrics: one paginated search, so resuming a finished 1000-cell grid reads no run one by one."""
         out: dict[str, CellRun] = {}
         for run in self._search(f"tags.{Tag.KIND} = '{KIND_CELL}'"):  # oldest first
             h = run.data.tags.get(Tag.CELL_HASH, "")
             prev = out.get(h)
             if prev is None or prev.status != "FINISHED":
                 out[h] = CellRun(run_id=run.info.run_id, cell_hash=h, status=run.info.status,
-                                 eval_hash=run.data.tags.get(Tag.EVAL_HASH, ""))
+                                 eval_hash=run.data.tags.get(Tag.EVAL_HASH, ""), metrics=dict(run.data.metrics))
         return out
 
     def start_run(self, *, name: str, parent_id: str, cell_hash: str, params: dict[str, Any],
@@ -209,11 +263,11 @@ class MlflowRecorder:
         tags = {**tags, Tag.KIND: KIND_CELL, Tag.CELL_HASH: cell_hash}
         if reuse:
             self._client.update_run(reuse, status="RUNNING")
-            run_id = reuse
-        else:
-            run_id = self._client.create_run(self.experiment_id, run_name=name,
-                                             tags={Tag.PARENT: parent_id, **_str(tags)}).info.run_id
-        self._log(run_id, params=params, tags=tags)
+            self._log(reuse, params=params, tags=tags)
+            return reuse
+        run_id = self._client.create_run(self.experiment_id, run_name=name,
+                                         tags={Tag.PARENT: parent_id, **_str(tags)}).info.run_id
+        self._log(run_id, params=params)
         return run_id
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
@@ -242,9 +296,16 @@ class MlflowRecorder:
         """Flush, set tags, upload ``(local file, artifact dir)`` pairs that exist, set the final status."""
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"status={status!r} is not allowed: expected FINISHED, FAILED or KILLED")
+        mine = self._metrics.pop(run_id, [])
         self.flush()
-        if tags:
-            self._log(run_id, tags=tags)
+        tag_list = [RunTag(k, _value(v)) for k, v in (tags or {}).items()]
+        # the run's last metrics with its first 100 tags in one request (MLflow: <= 1000 entities per batch)
+        chunks = [mine[i: i + _BATCH - 100] for i in range(0, len(mine), _BATCH - 100)] or [[]]
+        for n, chunk in enumerate(chunks):
+            if chunk or (n == 0 and tag_list):
+                self._client.log_batch(run_id, metrics=chunk, tags=tag_list[:100] if n == 0 else [])
+        for i in range(100, len(tag_list), 100):
+            self._client.log_batch(run_id, tags=tag_list[i: i + 100])
         for path, where in artifacts:
             if Path(path).is_file():
                 self._client.log_artifact(run_id, str(path), artifact_path=where)
@@ -276,8 +337,13 @@ def _is_number(v: Any) -> bool:
 def record_event(recorder: Recorder, run_id: str, event: Event) -> None:
     """What every trial's run records of an event: where it runs (start) and its train/eval metrics."""
     if event.kind == "start":
-        recorder.set_tags(run_id, {Tag.DEVICE: event.info.get("device", ""), Tag.TORCH: event.info.get("torch", ""),
-                                   Tag.HOST: event.info.get("host", "")})
+        info = event.info
+        tags = {Tag.DEVICE: info.get("device", ""), Tag.TORCH: info.get("torch", ""), Tag.HOST: info.get("host", ""),
+                Tag.NODE_ID: info.get("node_id", ""), Tag.GPU_IDS: info.get("gpu_ids", ""),
+                Tag.GPU_UUIDS: info.get("gpu_uuids", ""), Tag.CUDA_VISIBLE_DEVICES: info.get("cuda_visible_devices", "")}
+        if info.get("workers"):
+            tags[Tag.WORKERS] = info["workers"]
+        recorder.set_tags(run_id, tags)
     elif event.kind in ("train", "eval") and event.metrics:
         recorder.log_metrics(run_id, event.metrics, step=event.step)
 
@@ -457,11 +523,13 @@ def _provenance(uri: str, exp: Any, parents: list[Any], runs: list[Any]) -> dict
         "experiment": exp.name,
         "experiment_id": exp.experiment_id,
         "parent_run_ids": [p.info.run_id for p in parents],
-        "tracking_uri": uri,
+        "tracking_uri": redact(uri),
         "git_sha": uniq([*(t.get(Tag.GIT_SHA) for t in ptags), *(r.data.tags.get(Tag.GIT_SHA) for r in runs)]),
         "hardware": uniq(r.data.tags.get(Tag.DEVICE) for r in runs),
         "torch": uniq(r.data.tags.get(Tag.TORCH) for r in runs),
-        "hosts": uniq(r.data.tags.get(Tag.HOST) for r in runs),
+        "hosts": uniq(h for r in runs for h in (r.data.tags.get(Tag.HOST) or "").split(",")),
+        "nodes": uniq(n for r in runs for n in (r.data.tags.get(Tag.NODE_ID) or "").split(",")),
+        "gpus": uniq(g for r in runs for g in _gpus(r.data.tags)),
         "runs_started": " to ".join(stamp),
         "description": "; ".join(uniq(t.get(Tag.DESCRIPTION) for t in ptags)),
         "accuracy_split": _splits(runs),
@@ -479,6 +547,17 @@ def _splits(runs: list[Any]) -> str:
     what = {"val": "the dataset's validation split", "test": "the dataset's test split",
             "minival": "minival, held out of the train split (a tuning split)"}
     return "; ".join(f"{s} ({what.get(s, s)}), {n} run{'s' if n != 1 else ''}" for s, n in counts.items())
+def _gpus(tags: dict[str, str]) -> list[str]:
+    """``host:gpu_id (uuid)`` of every GPU an attempt of the run held (empty on CPU)."""
+    ids = [g for g in (tags.get(Tag.GPU_IDS) or "").split(",") if g]
+    uuids = [u for u in (tags.get(Tag.GPU_UUIDS) or "").split(",") if u]
+    hosts = (tags.get(Tag.HOST) or "").split(",")
+    if tags.get(Tag.WORKERS):
+        workers = json.loads(tags[Tag.WORKERS])
+        return [f"{w.get('host', '')}:{g}" + (f" ({u})" if u else "")
+                for w in workers for g, u in itertools.zip_longest(w.get("gpu_ids", []), w.get("gpu_uuids", []))
+                if g is not None]
+    return [f"{hosts[0]}:{g}" + (f" ({u})" if u else "") for g, u in itertools.zip_longest(ids, uuids) if g]
 
 
 HISTORY_METRICS = ("loss", "miou")  # plus every bf_* : the learning curves (reports.curves)

@@ -1,11 +1,13 @@
 """The Ray adapter: the only module that imports ray.
 
-- Cluster: :func:`connect` (start a local instance or join one), :func:`shutdown`,
+- Cluster: :func:`connect` (start a local instance, or join one: ``auto``, reachability and token
+  authentication checked first, exit 2 in seconds), :func:`shutdown`,
   :func:`check_resources` (exit 2 instead of waiting forever), :func:`default_concurrency`,
   :func:`check_shared_storage` (every node must read the driver's out dir).
 - Tasks: one trial is a ``max_calls=1`` task (a fresh worker process, so GPU memory is released
-  when it exits) holding the trial's CPUs/GPUs; with ``num_workers > 1`` it is a zero-CPU task that
-  runs a Ray Train ``TorchTrainer`` of that many workers (DDP: gloo on CPU, NCCL on GPU).
+  when it exits) holding the trial's CPUs/GPUs; with ``num_workers > 1`` (or ``ddp: true``) it is a zero-CPU task that
+  runs a Ray Train ``TorchTrainer`` of that many workers (DDP: gloo on CPU, NCCL on GPU). Every
+  attempt records its :func:`placement` (node id, GPU ids/UUIDs, every DDP rank's).
 - :class:`RayLauncher`: the :class:`harness.driver.Launcher` on Ray: submit, wait, events (a Ray
   queue the workers' engine callbacks put on), outcome (Ray errors mapped to failure classes),
   cancel.
@@ -13,34 +15,189 @@
 """
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import threading
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 
 from ddsm.config import ConfigError
+from harness.preflight import check_tcp
+from harness.secrets import redact
 from harness.driver import Event, TrialOutcome, TrialPayload, read_result
 from harness.spec import Resources
 from harness.worker import root_cause, run_trial
 
-__all__ = ["RayLauncher", "check_resources", "check_shared_storage", "connect", "default_concurrency",
-           "failure_class", "run_isolated", "shutdown"]
+__all__ = ["Connection", "RayLauncher", "check_resources", "check_shared_storage", "connect", "default_concurrency",
+           "failure_class", "placement", "resolve_address", "run_isolated", "shutdown"]
 
 
 # ============================================================================ the cluster
 
 
-def connect(address: str | None) -> bool:
-    """Start a local Ray instance (address None) or join a cluster; True when this call started/joined it.
+@dataclass(frozen=True)
+class Connection:
+    """What :func:`connect` did: started a local instance, joined a cluster, or reused an initialised Ray."""
+
+    started: bool  # this call started or joined Ray (and :func:`shutdown` should end it)
+    address: str  # the GCS address ("" for a reused instance)
+    dashboard_url: str | None  # http://host:port of the Ray dashboard, when one runs
+    joined: bool = False  # an existing cluster (not a local instance)
+
+
+def connect(address: str | None, *, dashboard: bool = False, num_cpus: int | None = None,
+            num_gpus: int | None = None) -> Connection:
+    """Start a local Ray instance (address None) or join a cluster; raise ConfigError (exit 2) fast when
+    the cluster cannot be joined.
+
+    Joining, before ``ray.init`` (whose own retries take minutes, or forever): ``auto`` means the cluster
+    of ``RAY_ADDRESS`` or of the last ``ray start`` on this machine, never another process's private
+    ``ray.init()`` instance (Ray's legacy fallback); ``ray://`` (Ray Client) is refused with what to do
+    instead; something must listen at HOST:PORT; token authentication is set up
+    (:func:`_token_auth`) and checked against the cluster's GCS, so a missing or wrong token is one
+    line instead of a ConnectionError after 20 s.
+
+    Args:
+        address: None (a local instance), ``auto``, or ``HOST:PORT`` of a cluster's GCS.
+        dashboard: start the dashboard with a local instance (on 127.0.0.1); a joined cluster has its own.
+        num_cpus, num_gpus: resources of a local instance (default: what the machine has; ``num_gpus``
+            on a machine without GPUs makes fake ones, for placement tests).
 
     An already initialised Ray (e.g. a test session's) is reused and left running.
     """
     if ray.is_initialized():
-        return False
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-             configure_logging=True)
-    return True
+        return Connection(started=False, address="", dashboard_url=None)
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]  # ray.init would join it anyway: with the same checks
+    options = dict(log_to_driver=False, logging_level="WARNING", configure_logging=True)
+    if address is None:
+        with _entrypoint_redacted():
+            context = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", num_cpus=num_cpus,
+                               num_gpus=num_gpus, **options)
+        return Connection(started=True, address=ray.get_runtime_context().gcs_address,
+                          dashboard_url=_dashboard_url(context))
+    gcs = resolve_address(address)
+    host, _, port = gcs.rpartition(":")
+    check_tcp(host, int(port), what=f"Ray cluster {address!r}" + (f" (= {gcs})" if gcs != address else ""),
+              hint="start it (ray start --head --port PORT) or check --address; omit --address for a local instance")
+    source = _token_auth()
+    _check_gcs(gcs, address=address, token_source=source)
+    with _entrypoint_redacted():
+        context = ray.init(address=gcs, **options)
+    return Connection(started=True, address=gcs, dashboard_url=_dashboard_url(context), joined=True)
+
+
+def resolve_address(address: str) -> str:
+    """``HOST:PORT`` of the cluster ``address`` names (``auto``: ``RAY_ADDRESS``, else the last ``ray start``
+    on this machine); ConfigError when there is none or the form is not supported."""
+    if address.startswith("ray://"):
+        raise ConfigError(f"--address {address}: Ray Client (ray://) is not supported; run the driver on a node of "
+                          "the cluster (e.g. its head) with --address HEAD:6379, as deploy/slurm does")
+    if address == "auto":
+        env = os.environ.get("RAY_ADDRESS", "")
+        if env and env != "auto":
+            return resolve_address(env)
+        from ray._private.utils import read_ray_address  # the file `ray start` writes (Ray's own lookup)
+
+        found = read_ray_address()
+        if not found:
+            raise ConfigError("--address auto: no Ray cluster was started with `ray start` on this machine "
+                              "(RAY_ADDRESS is unset); start one (ray start --head), pass --address HOST:PORT, or "
+                              "omit --address for a local instance")
+        return found
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"--address {address!r} is not allowed: expected auto or HOST:PORT of the cluster's head "
+                          "(the GCS port, 6379 by default)")
+    return address
+
+
+def _token_auth() -> str | None:
+    """Where the token that joins a token-auth cluster comes from, turning ``RAY_AUTH_MODE=token`` on when it is
+    unset and a token is there (Ray sends one only in that mode when joining by address)."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        source = "RAY_AUTH_TOKEN"
+    elif os.environ.get("RAY_AUTH_TOKEN_PATH") and Path(os.environ["RAY_AUTH_TOKEN_PATH"]).is_file():
+        source = f"RAY_AUTH_TOKEN_PATH={os.environ['RAY_AUTH_TOKEN_PATH']}"
+    elif (Path.home() / ".ray" / "auth_token").is_file():
+        source = "~/.ray/auth_token"
+    else:
+        source = None
+    if mode is None and source is not None:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        from ray._raylet import Config
+
+        Config.initialize("")  # Ray caches its config: make this process see the mode (as ray.init does)
+    return source if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else None
+
+
+GCS_CHECK_S = 15  # how long the GCS client may take to answer
+
+
+def _check_gcs(gcs: str, *, address: str, token_source: str | None) -> None:
+    """Open a GCS client once (in a thread, at most :data:`GCS_CHECK_S`): a token the cluster rejects, or does
+    not get, is an AuthenticationError here; something that listens but is no Ray head never answers."""
+    from ray._raylet import GcsClient  # what `ray status` and the autoscaler use to talk to the GCS
+
+    result: list[BaseException | None] = []
+
+    def probe() -> None:
+        try:
+            GcsClient(address=gcs)
+            result.append(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            result.append(e)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(GCS_CHECK_S)
+    if not result:
+        raise ConfigError(f"Ray cluster {address!r}: {gcs} accepts connections but no Ray head answered in "
+                          f"{GCS_CHECK_S} s; expected the GCS port of `ray start --head` (6379 by default)")
+    error = result[0]
+    if isinstance(error, ray.exceptions.AuthenticationError):
+        if token_source:
+            why = f"rejected the token from {token_source}"
+        elif os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+            why = "needs a token but RAY_AUTH_MODE=disabled"
+        else:
+            why = "needs a token and none was found"
+        raise ConfigError(f"Ray cluster {address!r} {why}: set RAY_AUTH_TOKEN to the cluster's token (the head's "
+                          "~/.ray/auth_token, or what `ray get-auth-token` prints there) or RAY_AUTH_TOKEN_PATH to a "
+                          "file holding it, and RAY_AUTH_MODE=token") from None
+    if error is not None:
+        raise ConfigError(f"Ray cluster {address!r}: cannot talk to its head at {gcs}: "
+                          f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+
+
+@contextmanager
+def _entrypoint_redacted() -> Iterator[None]:
+    """Ray records the driver's command line as the job's entrypoint (dashboard, ``ray list jobs``): hide any
+    password a ``--tracking-uri`` in it carries."""
+    from ray._private import utils
+
+    original = utils.get_entrypoint_name
+    utils.get_entrypoint_name = lambda: redact(original())
+    try:
+        yield
+    finally:
+        utils.get_entrypoint_name = original
+
+
+def _dashboard_url(context: Any) -> str | None:
+    """``http://host:port`` of the dashboard ``ray.init`` reported, or None (none runs, or Ray was reused)."""
+    url = getattr(context, "dashboard_url", None) if context is not None else None
+    if not url:
+        return None
+    return url if "://" in url else f"http://{url}"
 
 
 def shutdown() -> None:
@@ -108,33 +265,68 @@ def check_shared_storage(out_dir: Path) -> None:
 # ============================================================================ tasks
 
 
-@ray.remote(max_calls=1, max_retries=0)
-def _single_task(payload: TrialPayload, queue: Any, threads: int) -> TrialOutcome:
-    """One trial in a fresh worker process (max_calls=1: GPU memory is released when it exits)."""
+def placement() -> dict[str, Any]:
+    """Where this task runs: host, Ray node id, the GPU ids Ray assigned it (``ray.get_gpu_ids()``), their
+    UUIDs (``nvidia-smi``; empty without one) and ``CUDA_VISIBLE_DEVICES``."""
+    gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+    return {"host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": gpu_ids,
+            "gpu_uuids": _gpu_uuids(gpu_ids), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+
+
+def _gpu_uuids(gpu_ids: list[str]) -> list[str]:
+    """UUIDs of the physical GPUs ``gpu_ids`` (indices or UUIDs) from ``nvidia-smi``; [] where it is absent."""
+    if not gpu_ids:
+        return []
+    if all(g.startswith(("GPU-", "MIG-")) for g in gpu_ids):
+        return gpu_ids
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    by_index = dict(line.replace(" ", "").split(",", 1) for line in out.splitlines() if "," in line)
+    return [by_index.get(g, g) for g in gpu_ids]
+
+
+def _single_trial(payload: TrialPayload, queue: Any, threads: int, train_fn: Any) -> TrialOutcome:
+    """One trial in a Ray worker process (see :class:`RayLauncher` for which worker)."""
     import torch
 
     torch.set_num_threads(max(1, threads))
-    return run_trial(payload, queue)
+    return run_trial(payload, queue, placement=placement(), train_fn=train_fn)
+
+
+_single_task = ray.remote(max_calls=1, max_retries=0)(_single_trial)  # a fresh worker: GPU memory is released
+_reused_task = ray.remote(max_retries=0)(_single_trial)  # trivial trials (tests, benchmarks): no process start
 
 
 def _ddp_loop(config: dict) -> None:
-    """Ray Train worker loop: torch.distributed is initialised; engine.train wraps DDP + SyncBN."""
+    """Ray Train worker loop: torch.distributed is initialised; engine.train wraps DDP + SyncBN. Rank 0 records
+    every rank's placement (gathered over the process group)."""
     import ray.train
+    import torch.distributed as dist
 
     rank = ray.train.get_context().get_world_rank()
-    run_trial(config["payload"], config["queue"] if rank == 0 else None, rank=rank, reraise=True)
+    mine = {"rank": rank, **placement()}
+    workers: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(workers, mine)
+    run_trial(config["payload"], config["queue"] if rank == 0 else None, rank=rank, reraise=True,
+              placement={**mine, "workers": workers}, train_fn=config["train_fn"])
 
 
 @ray.remote(num_cpus=0, max_calls=1, max_retries=0)
-def _ddp_task(payload: TrialPayload, queue: Any, resources: Resources) -> TrialOutcome:
-    """One DDP trial: a TorchTrainer with ``num_workers`` workers (gloo on CPU, NCCL on GPU)."""
+def _ddp_task(payload: TrialPayload, queue: Any, resources: Resources, train_fn: Any) -> TrialOutcome:
+    """One DDP trial: a TorchTrainer with ``num_workers`` workers (gloo on CPU, NCCL on GPU; gloo also when
+    GPUs are held but the trial trains on the CPU)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     per_worker = {"CPU": resources.cpus, **({"GPU": resources.gpus} if resources.gpus else {})}
+    on_cpu = payload.config.get("train", {}).get("device") == "cpu"
     trainer = TorchTrainer(
         _ddp_loop,
-        train_loop_config={"payload": payload, "queue": queue},
+        train_loop_config={"payload": payload, "queue": queue, "train_fn": train_fn},
+        torch_config=TorchConfig(backend="gloo" if on_cpu else None),
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.gpus > 0,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=f"{payload.key}-attempt{payload.attempt}",
@@ -166,21 +358,28 @@ def failure_class(e: Exception) -> str:
 class RayLauncher:
     """:class:`harness.driver.Launcher` on the connected Ray cluster; handles are ObjectRefs."""
 
-    def __init__(self, resources: Resources) -> None:
+    def __init__(self, resources: Resources, *, train_fn: Callable[..., dict] | None = None,
+                 fresh_workers: bool = True) -> None:
         """Args:
         resources: what every trial asks for (``num_workers > 1``: DDP).
+        train_fn: what trains inside the trial (default ``ddsm.engine.train``; see
+            :func:`harness.worker.run_trial`); a module-level function, so workers can import it.
+        fresh_workers: one worker process per trial (``max_calls=1``: GPU memory is released when it
+            exits). False reuses workers, for trivial ``train_fn`` trials that hold no GPU memory.
         """
         from ray.util.queue import Queue
 
-        self.resources = resources
+        self.resources, self.train_fn, self.fresh_workers = resources, train_fn, fresh_workers
         self.queue = Queue(actor_options={"num_cpus": 0})
 
     def submit(self, payload: TrialPayload) -> Any:
-        """Start one attempt: a ``max_calls=1`` task, or a DDP launcher task; return its ObjectRef."""
+        """Start one attempt: a trial task, or a DDP launcher task; return its ObjectRef."""
         res = self.resources
-        if res.num_workers > 1:
-            return _ddp_task.remote(payload, self.queue, res)
-        return _single_task.options(num_cpus=res.cpus, num_gpus=res.gpus).remote(payload, self.queue, int(res.cpus))
+        if res.num_workers > 1 or res.ddp:
+            return _ddp_task.remote(payload, self.queue, res, self.train_fn)
+        task = _single_task if self.fresh_workers else _reused_task
+        return task.options(num_cpus=res.cpus, num_gpus=res.gpus).remote(payload, self.queue, int(res.cpus),
+                                                                         self.train_fn)
 
     def wait(self, handles: list[Any], timeout: float) -> list[Any]:
         """Every finished handle: waits up to ``timeout`` for the first, then takes all that are ready."""

@@ -66,11 +66,12 @@ class SpecError(ConfigError):
 
 @dataclass
 class Resources:
-    """What one trial asks Ray for; with ``num_workers > 1`` the trial is DDP with that many workers."""
+    """What one trial asks Ray for; with ``num_workers > 1`` (or ``ddp``) the trial is DDP on Ray Train."""
 
     cpus: float = 1.0  # per worker
     gpus: float = 0.0  # per worker; fractions share a GPU (0.5 = two trials per GPU)
     num_workers: int = 1  # > 1: DDP via Ray Train's TorchTrainer (SyncBN, per-rank data shards)
+    ddp: bool = False  # True: Ray Train DDP even with one worker (e.g. to check NCCL + SyncBN on one GPU)
 
 
 @dataclass(frozen=True)

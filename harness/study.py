@@ -46,7 +46,8 @@ from harness.driver import Event, Job, Policy, Recorder, TrialOutcome, TrialPayl
 from harness.mlflow_io import Tag, record_event
 from harness.optuna_study import StudyBook, count_finished, open_study, states, summary, write_outputs
 from harness.secrets import redact
-from harness.session import cluster, default_concurrency, git_sha, open_recorder, run_policy
+from harness.session import (cluster, default_concurrency, git_sha, open_recorder, preflight, print_where_to_look,
+                             run_policy)
 from harness.tune_spec import TuneSpec, load_tune_spec
 from harness.worker import FAIL_ONCE_ENV, cell_artifacts
 
@@ -62,6 +63,7 @@ class StudySummary:
     study_name: str
     storage: str
     tracking_uri: str
+    experiment_id: str
     parent_run_id: str
     states: dict[str, int]  # Optuna state name -> trials in the study (all sessions)
     finished: int  # trials counted against the budget
@@ -262,7 +264,8 @@ class StudyPolicy(Policy):
 
 def run_study(spec: TuneSpec | str | Path, *, out_dir: str | Path, address: str | None = None,
               tracking_uri: str | None = None, max_concurrent: int | None = None, smoke: bool = False,
-              n_trials: int | None = None, console: Any = None) -> StudySummary:
+              n_trials: int | None = None, artifact_location: str | None = None, dashboard: bool = False,
+              console: Any = None, train_fn: Any = None, fresh_workers: bool = True) -> StudySummary:
     """Run (or continue) the study of a tune spec until its budget of trials reached a verdict.
 
     Args:
@@ -274,6 +277,9 @@ def run_study(spec: TuneSpec | str | Path, *, out_dir: str | Path, address: str 
         smoke: run under --smoke: a few steps on tiny inputs and the ``search.smoke_trials`` budget, in
             study ``<name>-smoke``.
         n_trials: overrides the budget (``search.n_trials``, or ``search.smoke_trials`` under smoke).
+        artifact_location: where a new experiment keeps its artifacts (see :func:`harness.grid.run_grid`).
+        dashboard: start the Ray dashboard with a local instance (its URL is printed).
+        train_fn, fresh_workers: the trial seam (:class:`harness.ray_backend.RayLauncher`).
         console: a rich Console for progress lines (None: stderr).
 
     Raises:
@@ -291,12 +297,16 @@ def run_study(spec: TuneSpec | str | Path, *, out_dir: str | Path, address: str 
     _check_pruning(spec, base)
     res = spec.trial_resources
     budget = spec.budget(n_trials)
-    with cluster(address=address, resources=res, out=out):
-        storage = spec.search.storage or f"sqlite:///{out / 'study.db'}"
+    storage = spec.search.storage or f"sqlite:///{out / 'study.db'}"
+    preflight(tracking_uri=tracking_uri, out=out, storage=storage)
+    with cluster(address=address, resources=res, out=out, dashboard=dashboard) as connection:
         name = spec.study_name
         study = open_study(spec, storage=storage, study_name=name, rung_step=base.train.val_every,
                            total_steps=base.train.steps)
-        recorder = open_recorder(tracking_uri=tracking_uri, out=out, experiment=spec.experiment)
+        recorder = open_recorder(tracking_uri=tracking_uri, out=out, experiment=spec.experiment,
+                                 artifact_location=artifact_location)
+        print_where_to_look(recorder, connection, console=console, storage=storage,
+                            artifact_location=artifact_location)
         sha = git_sha()
         search = spec.search
         log = view.StudyLog(console)
@@ -313,13 +323,15 @@ def run_study(spec: TuneSpec | str | Path, *, out_dir: str | Path, address: str 
         policy = StudyPolicy(spec=spec, book=StudyBook(study), recorder=recorder, parent=parent, out=out, sha=sha,
                              budget=budget, limit=limit, log=log,
                              fail_once=os.environ.get(FAIL_ONCE_ENV))
-        interrupted = run_policy(policy, resources=res, recorder=recorder, console=policy.log, limit=limit)
+        interrupted = run_policy(policy, resources=res, recorder=recorder, console=policy.log, limit=limit,
+                                 train_fn=train_fn, fresh_workers=fresh_workers)
         outputs = write_outputs(study, spec, out)
         recorder.end_run(parent, status="KILLED" if interrupted else "FINISHED",
                          tags={Tag.N_FINISHED: count_finished(study)},
                          artifacts=[(p, "study") for p in outputs.values()])
         result = StudySummary(spec=spec, out_dir=out, study_name=name, storage=storage,
-                              tracking_uri=recorder.tracking_uri, parent_run_id=parent, states=states(study),
+                              tracking_uri=recorder.tracking_uri, experiment_id=recorder.experiment_id,
+                              parent_run_id=parent, states=states(study),
                               finished=count_finished(study), budget=budget, outputs=outputs, interrupted=interrupted)
         view.print_study_summary(result, summary(study, spec)["best"], console)
         return result

@@ -9,6 +9,8 @@ the one list of files a finished or failed trial uploads.
 Cell folder: the engine's outputs (config.yaml, metrics.json, per_class_iou.csv, confusion.csv,
 checkpoints/) plus ``attempts.jsonl`` (one line per launch), ``train.log`` (this process's output),
 ``result.json`` (written when the attempt finished) and ``failure.rank<r>.json`` (when it failed).
+Each line of ``attempts.jsonl`` says where the attempt ran: host, Ray node id, GPU ids and UUIDs,
+``CUDA_VISIBLE_DEVICES``, and for DDP every rank's (``workers``).
 
 Test hook: ``DDSM_BENCH_FAIL_ONCE=<class>:<dir>`` (read by the driver, passed in the payload) makes
 every trial fail its first launch with that failure class (error, nan, oom, killed), using
@@ -22,6 +24,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +32,8 @@ from ddsm.config import from_dict
 from ddsm.engine.callbacks import Callback, scalar_metrics
 from harness.driver import RESULT_FILE, Event, TrialOutcome, TrialPayload, write_json
 
-__all__ = ["CELL_ARTIFACTS", "FAIL_ONCE_ENV", "EventSink", "cell_artifacts", "root_cause", "run_trial",
-           "save_trial_views"]
+__all__ = ["CELL_ARTIFACTS", "FAIL_ONCE_ENV", "EventSink", "cell_artifacts", "placement_info", "root_cause",
+           "run_trial", "save_trial_views"]
 
 FAIL_ONCE_ENV = "DDSM_BENCH_FAIL_ONCE"
 # Uploaded with every trial's tracking run, where they exist (the checkpoint only on request).
@@ -52,20 +55,30 @@ def cell_artifacts(cell_dir: str | Path, *, checkpoint: bool = False) -> list[tu
     return out
 
 
-def run_trial(payload: TrialPayload, queue: Any | None, *, rank: int = 0, reraise: bool = False) -> TrialOutcome:
-    """Train one attempt in this process; return its outcome (failures are caught and classified).
+def run_trial(payload: TrialPayload, queue: Any | None, *, rank: int = 0, reraise: bool = False,
+              placement: dict[str, Any] | None = None, train_fn: Callable[..., dict] | None = None) -> TrialOutcome:
+    """Train one attempt in this process (or, ``payload.mode == "evaluate"``, score the cell's final checkpoint
+    with its eval settings: :func:`ddsm.engine.reevaluate`); return its outcome (failures are caught and classified).
 
     Args:
         payload: the trial and attempt.
         queue: anything with ``put(Event)`` (a Ray queue) receiving progress; None on ranks > 0.
         rank: distributed rank (only rank 0 logs attempts and writes result.json).
         reraise: re-raise a training exception after recording it (DDP: the other ranks must stop too).
+        placement: where the attempt runs (:func:`harness.ray_backend.placement`: Ray node id, GPU ids and
+            UUIDs, CUDA_VISIBLE_DEVICES; ``workers``: every DDP rank's), written to ``attempts.jsonl``
+            and sent with the start event.
+        train_fn: what trains (default ``ddsm.engine.train``); anything with its signature
+            ``(cfg, *, out_dir, callbacks, resume) -> metrics`` -- the seam for trivial trials in
+            placement tests and ``benchmarks/bench_scale.py``.
     """
     import torch
 
-    from ddsm import engine
+    from ddsm.engine import reevaluate
     from ddsm.engine.failures import classify_failure
 
+    if train_fn is None:
+        from ddsm.engine import train as train_fn
     cell_dir = Path(payload.cell_dir)
     cell_dir.mkdir(parents=True, exist_ok=True)
     evaluating = payload.mode == "evaluate"
@@ -73,22 +86,23 @@ def run_trial(payload: TrialPayload, queue: Any | None, *, rank: int = 0, rerais
     _redirect_output(cell_dir / (f"{log}.log" if rank == 0 else f"{log}.rank{rank}.log"))
     cfg = from_dict(payload.config).validate()
     device = _device_name(cfg.train.device)
+    where = {"host": socket.gethostname(), **(placement or {})}
     if rank == 0:
         _append_json(cell_dir / ("evaluations.jsonl" if evaluating else "attempts.jsonl"), {
-            "attempt": payload.attempt, "time": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
+            "attempt": payload.attempt, "time": time.time(), "pid": os.getpid(),
             "resumed": (cell_dir / "checkpoints" / "last.pt").is_file(), "device": device,
-            "eval_hash": payload.eval_hash})
+            "eval_hash": payload.eval_hash, **where})
     sink = EventSink(queue, key=payload.key, attempt=payload.attempt) if queue is not None else None
     if sink is not None:
-        sink.send("start", 0, {}, info={"device": device, "torch": torch.__version__, "host": socket.gethostname()})
+        sink.send("start", 0, {}, info={"device": device, "torch": torch.__version__, **placement_info(where)})
     try:
         _maybe_fail_once(payload, rank=rank)
         if evaluating:
-            metrics = engine.reevaluate(cfg, out_dir=cell_dir)
+            metrics = reevaluate(cfg, out_dir=cell_dir)
             if sink is not None:
                 sink.on_eval(cfg.train.steps, metrics)
         else:
-            metrics = engine.train(cfg, out_dir=cell_dir, callbacks=[sink] if sink else [], resume=True)
+            metrics = train_fn(cfg, out_dir=cell_dir, callbacks=[sink] if sink else [], resume=True)
     except BaseException as e:  # noqa: BLE001 - every failure is classified and reported to the driver
         record = {"failure_class": classify_failure(e), "error": f"{type(e).__name__}: {e}",
                   "traceback": traceback.format_exc(), "rank": rank}
@@ -120,6 +134,24 @@ def save_trial_views(cfg: Any, cell_dir: Path, settings: dict) -> None:
         (cell_dir / VIEWS_DIR).mkdir(exist_ok=True)
         (cell_dir / VIEWS_DIR / "error.txt").write_text(traceback.format_exc())
         print(f"views not saved: {type(e).__name__}: {e}", flush=True)
+
+
+def placement_info(where: dict[str, Any]) -> dict[str, str]:
+    """A placement record as the start event's string fields: ``host``, ``node_id``, ``gpu_ids``, ``gpu_uuids``,
+    ``cuda_visible_devices`` (comma-joined over DDP ranks, in rank order) and ``workers`` (JSON, DDP only)."""
+    workers = where.get("workers") or [where]
+
+    def joined(key: str, *, unique: bool = False) -> str:
+        values = [str(v) for w in workers for v in (w.get(key) if isinstance(w.get(key), list) else [w.get(key)])
+                  if v not in (None, "")]
+        return ",".join(dict.fromkeys(values) if unique else values)
+
+    info = {"host": joined("host", unique=True), "node_id": joined("node_id", unique=True),
+            "gpu_ids": joined("gpu_ids"), "gpu_uuids": joined("gpu_uuids"),
+            "cuda_visible_devices": str(where.get("cuda_visible_devices", ""))}
+    if where.get("workers"):
+        info["workers"] = json.dumps(where["workers"])
+    return info
 
 
 def root_cause(cell_dir: str | Path) -> TrialOutcome | None:

@@ -31,8 +31,8 @@ PROVENANCE_KEYS = [("spec", "Spec"), ("spec_path", "Spec file"), ("description",
                    ("cost_source", "Cost columns (latency, train step, memory) from"),
                    ("experiment", "MLflow experiment"), ("experiment_id", "Experiment id"),
                    ("parent_run_ids", "Parent run(s)"), ("tracking_uri", "Tracking URI"), ("git_sha", "Git SHA"),
-                   ("hardware", "Hardware"), ("hosts", "Hosts"), ("torch", "torch"), ("runs_started", "Runs started"),
-                   ("generated", "Report generated"), ("baseline", "Baseline (deltas vs)"), ("method", "Significance")]
+                   ("hardware", "Hardware"), ("hosts", "Hosts"), ("nodes", "Ray nodes"), ("gpus", "GPUs"),
+                   ("torch", "torch"), ("runs_started", "Runs started"), ("generated", "Report generated"), ("baseline", "Baseline (deltas vs)"), ("method", "Significance")]
 
 
 # ----------------------------------------------------------------------------- labels and numbers

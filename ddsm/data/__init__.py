@@ -68,7 +68,7 @@ def build_dataset(cfg: DataConfig, *, split: str, train: bool) -> SegmentationDa
     """The ``split`` ("train" | "val" | "test" | "minival") of ``cfg.name``; ``train`` turns on augmentation.
 
     ``train`` is the train split without the minival images when ``cfg.val_split`` is ``minival`` (see
-    the module docstring). Reads data.name, root, crop_size, scale_range, flip, jitter, val_split,
+    the module docstring). Reads data.name, root, crop_size, scale_range, flip, jitter, hue, val_split,
     minival_size, minival_seed and, for synthetic, num_images, image_size, num_classes, seed.
     """
     if split not in SPLITS:
@@ -152,7 +152,8 @@ def _train_transform(cfg: DataConfig) -> TrainTransform:
         raise DatasetError(f"data.crop_size={tuple(cfg.crop_size)!r} is not allowed: expected two positive ints (H, W)")
     if not cfg.jitter >= 0:
         raise DatasetError(f"data.jitter={cfg.jitter!r} is not allowed: expected a float >= 0 (0 disables it)")
-    return TrainTransform(crop_size=cfg.crop_size, scale_range=cfg.scale_range, flip=cfg.flip, jitter=cfg.jitter)
+    return TrainTransform(crop_size=cfg.crop_size, scale_range=cfg.scale_range, flip=cfg.flip, jitter=cfg.jitter,
+                          hue=cfg.hue)
 
 
 def build_loader(

@@ -75,15 +75,22 @@ def hflip(image: torch.Tensor, label: torch.Tensor) -> Pair:
     return F.horizontal_flip_image(image), F.horizontal_flip_mask(label)
 
 
-def jitter(image: torch.Tensor, *, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Photometric jitter: brightness, contrast, saturation factors each uniform in [1 - s, 1 + s].
+def jitter(image: torch.Tensor, *, strength: float, hue: float = 0.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Photometric jitter: brightness, contrast, saturation factors each uniform in [1 - s, 1 + s], then
+    (``hue`` > 0) a hue shift uniform in [-hue, hue] (a fraction of the colour wheel, at most 0.5, as
+    torchvision's ``ColorJitter``; SFSegNets jitters all four by 0.25).
 
     Applied in that fixed order (ColorJitter shuffles the order; a fixed one is simpler to reproduce).
+    The hue draw happens only when hue > 0, so configs without hue keep their random stream.
     """
     low, high = max(0.0, 1.0 - strength), 1.0 + strength
     image = F.adjust_brightness_image(image, _uniform(low, high, generator))
     image = F.adjust_contrast_image(image, _uniform(low, high, generator))
-    return F.adjust_saturation_image(image, _uniform(low, high, generator))
+    image = F.adjust_saturation_image(image, _uniform(low, high, generator))
+    if hue > 0:
+        image = F.adjust_hue_image(image, _uniform(-hue, hue, generator))
+    return image
 
 
 def normalize(image: torch.Tensor, label: torch.Tensor) -> Pair:
@@ -111,17 +118,22 @@ class TrainTransform:
         scale_range: tuple[float, float] = (0.5, 2.0),
         flip: bool = True,
         jitter: float = 0.25,
+        hue: float = 0.0,
     ) -> None:
         """Args:
         crop_size: output (H, W).
         scale_range: scale factor drawn uniformly from (low, high); (1, 1) disables scaling.
         flip: mirror left-right with probability 0.5.
-        jitter: photometric jitter strength; 0 disables it.
+        jitter: brightness / contrast / saturation jitter strength; 0 disables it.
+        hue: hue jitter in [0, 0.5] (fraction of the colour wheel); 0 disables it.
         """
+        if not 0.0 <= hue <= 0.5:
+            raise ValueError(f"hue={hue!r} is not allowed: expected a float in [0, 0.5]")
         self.crop_size = (int(crop_size[0]), int(crop_size[1]))
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.flip = flip
         self.jitter = jitter
+        self.hue = hue
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor, generator: torch.Generator | None = None) -> Pair:
         """Augment one pair; all random draws come from ``generator`` (global RNG when None)."""
@@ -133,8 +145,8 @@ class TrainTransform:
         left = _randint(max(w - self.crop_size[1], 0), generator)
         image, label = crop(image, label, top=top, left=left, size=self.crop_size)  # (3, <=ch, <=cw)
         image = F.to_dtype_image(image, torch.float32, scale=True)  # [0, 1]; jitter is ~4x faster in float
-        if self.jitter > 0:  # before padding, so padded pixels stay exactly 0
-            image = jitter(image, strength=self.jitter, generator=generator)
+        if self.jitter > 0 or self.hue > 0:  # before padding, so padded pixels stay exactly 0
+            image = jitter(image, strength=self.jitter, hue=self.hue, generator=generator)
         image, label = pad_to(image, label, size=self.crop_size)  # (3, ch, cw), (ch, cw)
         if self.flip and torch.rand((), generator=generator).item() < 0.5:
             image, label = hflip(image, label)

@@ -27,10 +27,12 @@ class Callback:
     rank_zero_only: bool = True  # False: also called on the other ranks of a distributed run
 
     def on_train_step(self, step: int, metrics: dict) -> None:
-        """After update ``step`` (1-based): ``loss``, ``loss_main``, ``loss_aux``?, ``lr``, ``step_time_ms``."""
+        """After update ``step`` (1-based): ``loss``, ``loss_main``, ``loss_<output>`` per extra supervised
+        output (``loss_aux``, DANet's ``loss_pam`` / ``loss_cam``), ``lr``, ``step_time_ms``."""
 
     def on_eval(self, step: int, metrics: dict) -> None:
-        """After validating the weights of update ``step``: every metric from :func:`ddsm.engine.evaluate`."""
+        """After validating the weights of update ``step``: every metric from :func:`ddsm.engine.evaluate`,
+        plus each DDSM layer's ``offset_mean/<layer>`` and ``offset_max/<layer>`` (:func:`ddsm.models.offset_stats`)."""
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         """After the checkpoint of update ``step`` was written to ``path``."""

@@ -1,9 +1,14 @@
 """One trial end to end: build, train (SGD + poly, CE/OHEM, optional AMP), validate, checkpoint, report.
 
 Choices: SGD with momentum and weight decay on every parameter (BN and biases included, as the
-torchvision segmentation reference does; the notes do not say what DDSM did); one update per step;
-the loss is checked for NaN/inf on every step (one host sync) so a divergence is caught at the
-exact iteration, before it reaches the weights.
+torchvision segmentation reference does; the notes do not say what DDSM did); one update per step.
+
+No host sync per step: the losses of each update stay on the device and are read back together
+(one all-reduce and one device-to-host copy) every ``train.log_every`` steps, before every
+checkpoint and validation, at the end, and at least every :data:`MAX_UNREAD_STEPS` steps. The
+first non-finite loss among them raises :class:`~ddsm.engine.failures.TrainingDiverged` naming its
+exact iteration. The updates after it (up to the read-back) ran on NaN weights, but no checkpoint
+is ever written before its losses were read, so the last checkpoint on disk is always a good one.
 
 :func:`train` is the composition root. It reads every section of the :class:`~ddsm.config.TrialConfig`:
 ``model`` (via :func:`ddsm.models.build_model_from_config`), ``data`` (dataset, batch_size, workers),
@@ -46,6 +51,7 @@ __all__ = ["train", "resolve_device", "amp_dtype", "seed_everything", "build_tra
            "write_results"]
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_UNREAD_STEPS = 100  # read the losses back (and check them) at least this often, even without logging
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,31 +95,46 @@ def intra_op_threads(threads: int) -> Iterator[None]:
 
 @contextmanager
 def _deterministic(enabled: bool) -> Iterator[None]:
-    """Turn on ``torch.use_deterministic_algorithms`` (warn-only) for the block, then restore the setting."""
+    """Turn on ``torch.use_deterministic_algorithms`` (warn-only) for the block, then restore the setting.
+
+    Without ``torch.utils.deterministic.fill_uninitialized_memory``: that switch (on by default with
+    deterministic algorithms) writes NaN into every ``torch.empty`` result, ~10% of a CPU training step
+    of ddsm (benchmarks/README.md), and only matters for ops that read memory they never wrote.
+    """
     previous = torch.are_deterministic_algorithms_enabled()
     previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    previous_fill = torch.utils.deterministic.fill_uninitialized_memory
     if enabled:
         torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
+        torch.utils.deterministic.fill_uninitialized_memory = previous_fill
 
 
 def build_training_model(cfg: TrialConfig, *, num_classes: int, device: torch.device) -> nn.Module:
-    """The model on ``device`` (channels_last if asked); BN -> SyncBatchNorm when distributed on CUDA.
+    """The model on ``device`` (channels_last if asked); BN -> SyncBatchNorm in a process group on CUDA.
 
-    SyncBatchNorm needs a GPU, so a CPU (gloo) process group keeps per-process BatchNorm.
+    SyncBatchNorm needs a GPU, so a CPU (gloo) process group keeps per-process BatchNorm. In a group
+    of one process it is converted too (torch then computes plain batch statistics), so a 1-worker
+    Ray Train trial runs the same modules as a multi-GPU one.
     """
     from ddsm.models import build_model_from_config
 
     model = build_model_from_config(cfg.model, num_classes=num_classes)
-    if distributed_context()[1] > 1 and device.type == "cuda":
+    if _distributed() and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def _distributed() -> bool:
+    """A ``torch.distributed`` process group is initialised (of any size)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def _train_loader(cfg: TrialConfig, *, start_step: int, rank: int, world_size: int) -> DataLoader:
@@ -127,13 +148,44 @@ def _train_loader(cfg: TrialConfig, *, start_step: int, rank: int, world_size: i
                       pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(cfg.train.seed))
 
 
-def _mean_over_ranks(value: torch.Tensor, world_size: int) -> float:
-    """The scalar averaged over ranks (so every rank sees the same loss, and stops together on NaN)."""
-    if world_size > 1:
-        value = value.detach().clone()
-        dist.all_reduce(value)
-        value /= world_size
-    return float(value)
+class _Unread:
+    """The losses of the updates not read back yet: device tensors, read and checked in one batch."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.first = 0  # the 1-based iteration of the first unread update
+        self.losses: list[dict[str, torch.Tensor]] = []
+        self.step_times: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.losses)
+
+    def add(self, iteration: int, losses: dict[str, torch.Tensor], step_time_ms: float) -> None:
+        """Keep the 0-d loss tensors of update ``iteration`` (no host sync)."""
+        if not self.losses:
+            self.first = iteration
+        self.losses.append(losses)
+        self.step_times.append(step_time_ms)
+
+    def read(self) -> list[dict[str, float]]:
+        """Per update: its losses as floats, averaged over ranks, and ``step_time_ms``; then forget them.
+
+        One all-reduce and one host sync for all of them. Every rank reads at the same steps and gets
+        the same values, so all ranks stop together. Raises :class:`TrainingDiverged` naming the first
+        update whose loss is not finite.
+        """
+        names = list(self.losses[0])
+        values = torch.stack([torch.stack([losses[k] for k in names]) for losses in self.losses])  # (updates, names)
+        if self.world_size > 1:
+            dist.all_reduce(values)
+            values /= self.world_size
+        rows = [dict(zip(names, row), step_time_ms=ms) for row, ms in zip(values.tolist(), self.step_times)]
+        first = self.first
+        self.losses, self.step_times = [], []
+        for i, row in enumerate(rows):
+            if not math.isfinite(row["loss"]):
+                raise TrainingDiverged(iteration=first + i, loss=row["loss"])
+        return rows
 
 
 class _Window:
@@ -182,7 +234,8 @@ def train(cfg: TrialConfig, *, out_dir: str | Path, callbacks: Sequence[Callback
                         world_size=world_size, state=state)
     except BaseException as e:
         if rank == 0:
-            failure = {"failure_class": classify_failure(e), "message": str(e), "step": state["step"]}
+            step = e.iteration - 1 if isinstance(e, TrainingDiverged) else state["step"]  # updates done before it
+            failure = {"failure_class": classify_failure(e), "message": str(e), "step": step}
             (out_dir / "failure.json").write_text(json.dumps(failure, indent=2))
         raise
 
@@ -230,11 +283,11 @@ def _run(cfg: TrialConfig, *, out_dir: Path, cbs: CallbackList, resume: bool, de
 
     if ckpt_path is None:
         checkpoint()  # step 0: there is always a last good checkpoint, even if the first update diverges
-    if world_size > 1:
+    if _distributed():  # a process group of any size, so 1-worker DDP trials run DDP too
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
     batches = iter(_train_loader(cfg, start_step=step, rank=rank, world_size=world_size))
-    window = _Window()
+    window, unread = _Window(), _Unread(world_size)
     loss_kwargs = dict(aux_weight=t.aux_weight, ignore_index=info.ignore_index, ohem=t.ohem,
                        ohem_thresh=t.ohem_thresh, ohem_min_kept=t.ohem_min_kept)
     model.train()
@@ -245,24 +298,32 @@ def _run(cfg: TrialConfig, *, out_dir: Path, cbs: CallbackList, resume: bool, de
         lr = optimizer.param_groups[0]["lr"]  # the LR this update uses
         losses = _update(model, images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
                          optimizer=optimizer, scaler=scaler, params=params, dtype=dtype, cfg=cfg,
-                         loss_kwargs=loss_kwargs, world_size=world_size, iteration=step + 1)
+                         loss_kwargs=loss_kwargs)
         scheduler.step()
         step += 1
         state["step"] = step
-        window.add({**losses, "step_time_ms": 1000 * (time.perf_counter() - tic)})
-        if (t.log_every > 0 and step % t.log_every == 0) or step == t.steps:
+        unread.add(step, losses, 1000 * (time.perf_counter() - tic))  # on a GPU: launch time (sums right)
+        log = (t.log_every > 0 and step % t.log_every == 0) or step == t.steps
+        ckpt = t.ckpt_every > 0 and step % t.ckpt_every == 0 and step < t.steps
+        val = t.val_every > 0 and step % t.val_every == 0 and step < t.steps
+        if log or ckpt or val or len(unread) >= MAX_UNREAD_STEPS:
+            for values in unread.read():  # raises TrainingDiverged at the first non-finite loss
+                window.add(values)
+        if log:
             cbs.on_train_step(step, {**window.flush(), "lr": lr})
-        if t.ckpt_every > 0 and step % t.ckpt_every == 0 and step < t.steps:
+        if ckpt:
             checkpoint()
-        if t.val_every > 0 and step % t.val_every == 0 and step < t.steps:
-            cbs.on_eval(step, evaluate(model, cfg, device=device))
+        if val:
+            cbs.on_eval(step, _validate(model, cfg, device=device))
     train_time = time.perf_counter() - start_time
     if step != saved_step:
         checkpoint()
-    metrics = evaluate(model, cfg, device=device)
+    metrics = _validate(model, cfg, device=device)
     cbs.on_eval(step, metrics)
     metrics.update(step=step, device=str(device), amp_dtype=str(dtype or torch.float32).removeprefix("torch."),
-                   world_size=world_size, train_time_s=train_time)
+                   world_size=world_size, train_time_s=train_time,
+                   dist_backend=dist.get_backend() if _distributed() else "none",
+                   sync_batchnorm=any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()))
     if rank == 0:
         net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         metrics.update(_trial_cost(net, cfg, device=device))
@@ -272,22 +333,28 @@ def _run(cfg: TrialConfig, *, out_dir: Path, cbs: CallbackList, resume: bool, de
     return metrics
 
 
+def _validate(model: nn.Module, cfg: TrialConfig, *, device: torch.device) -> dict[str, Any]:
+    """:func:`evaluate`'s metrics plus every DDSM layer's mean / max |offset| of the last training
+    forward (:func:`ddsm.models.offset_stats`; read before validating, which runs forwards of its own)."""
+    from ddsm.models import offset_stats
+
+    offsets = offset_stats(model)
+    return {**evaluate(model, cfg, device=device), **offsets}
+
+
 def _update(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, optimizer: torch.optim.Optimizer,
             scaler: torch.amp.GradScaler, params: list[nn.Parameter], dtype: torch.dtype | None, cfg: TrialConfig,
-            loss_kwargs: dict[str, Any], world_size: int, iteration: int) -> dict[str, float]:
-    """One optimiser update: forward under autocast, float32 loss, NaN check, scaled backward, clip, step.
+            loss_kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """One optimiser update: forward under autocast, float32 loss, scaled backward, clip, step.
 
-    Raises :class:`TrainingDiverged` before touching the weights when the (rank-averaged) loss is not
-    finite. Returns the loss values (``loss``, ``loss_main``, ``loss_aux`` when there is an aux head).
+    No host sync: returns the detached 0-d loss tensors (``loss``, ``loss_main``, ``loss_aux`` when
+    there is an aux head), which :func:`_run` reads back and checks for NaN/inf in batches.
     """
     if cfg.train.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)  # (B, 3, H, W) stored NHWC
     with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         outputs = model(images)
     losses = total_loss(outputs, labels, **loss_kwargs)  # float32, outside autocast
-    loss_value = _mean_over_ranks(losses["loss"].detach(), world_size)
-    if not math.isfinite(loss_value):
-        raise TrainingDiverged(iteration=iteration, loss=loss_value)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses["loss"]).backward()
     if cfg.train.grad_clip > 0:
@@ -295,7 +362,7 @@ def _update(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, opt
         torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    return {"loss": loss_value, **{k: float(v.detach()) for k, v in losses.items() if k != "loss"}}
+    return {k: v.detach() for k, v in losses.items()}
 
 
 def _restore(path: Path, cfg: TrialConfig, *, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -18,6 +18,29 @@ Choices where the figure is silent (each an option so it can be ablated):
   1x1 query/key/value convs and back to C with a 1x1 conv (e.g. 128 -> 121 -> 128).
 - the channel branch's values are x_h at its own resolution h x w (the figure's "down").
 - fusion into x_l: ``sum`` (x_l + x_S + x_C, default) or ``concat`` (1x1 conv of [x_l, x_S, x_C]).
+- a sampled point outside its map (the image border for the spatial branch, the channel grid's border
+  for the channel branch): ``spatial_out_of_map`` / ``channel_out_of_map``, ``mask`` (default: only a
+  point's on-map corners count, renormalised, and its softmax term is scaled by its on-map share) or
+  ``zero`` (a zero key and value that keeps its softmax share, as deformable conv's zero padding).
+  Why mask is the default: :mod:`ddsm.models.sampling`.
+- upsampling of x_h (and of the channel branch's output): ``align_corners`` as the decoder around it
+  (SFSegNets: True).
+
+Controls (a grid can ask "is it the learned sampling, or just more context?"):
+- ``grid_dilation`` d: the spatial branch's k x k base grid spaced d pixels (same N, a (d(k-1)+1)^2
+  window);
+- ``learn_offsets=False``: no offset conv, the points stay on the (dilated) regular grid, i.e. a fixed
+  sparse attention over the same window;
+- ``channel_order``: ``natural`` (channel i of the 1x1 projections at cell (i // s, i % s) of the s x s
+  grid) or ``permuted`` (a fixed random permutation of the grid, drawn from torch's RNG when the model is
+  built, i.e. seeded by the trial seed, and saved in the state dict). Every layer in front of the grid
+  is a learned 1x1 conv with i.i.d. initialisation, so the two are equal in distribution: the control
+  shows whether results depend on which channels happen to be grid neighbours (they should not beyond
+  seed noise; a gap is a bug or a seed effect, not a property of DDSM).
+
+Diagnostics: every branch keeps the offsets of its last forward; :meth:`DDSM.offset_stats` gives their
+mean and max magnitude |(dy, dx)| (pixels of x_l for the spatial branch, grid cells for the channel
+branch), which the engine logs at every validation.
 
 Implementation (same results up to float rounding, several times faster on CPU): the branches run
 channels-last and DDSM returns x_l's own layout; the spatial branch rearranges its convs (see
@@ -34,14 +57,18 @@ import torch.nn.functional as F
 
 from ddsm.config import ConfigError
 from ddsm.models.position import PositionEmbedding
-from ddsm.models.sampling import dynamic_affinity
+from ddsm.models.precision import conv2d_fp32
+from ddsm.models.sampling import OUT_OF_MAP, dynamic_affinity
 
 BRANCHES = ("spatial", "channel", "dual")
 FUSIONS = ("sum", "concat")
+CHANNEL_ORDERS = ("natural", "permuted")
 
 
 def check_ddsm_options(*, branches: str, num_points: int, pos_embed: str, pooled_size: int, fusion: str,
-                       offset_range: float, inner_ratio: float) -> None:
+                       offset_range: float, inner_ratio: float, spatial_out_of_map: str = "mask",
+                       channel_out_of_map: str = "mask", channel_order: str = "natural", grid_dilation: int = 1,
+                       learn_offsets: bool = True) -> None:
     """Raise ConfigError (a ValueError) naming the first bad option, its value and what is allowed."""
     k = math.isqrt(num_points) if num_points > 0 else 0
     checks = [
@@ -53,6 +80,12 @@ def check_ddsm_options(*, branches: str, num_points: int, pos_embed: str, pooled
         (fusion in FUSIONS, "fusion", fusion, f"one of {', '.join(FUSIONS)}"),
         (offset_range >= 0, "offset_range", offset_range, "a float >= 0 (0 = unbounded)"),
         (0 < inner_ratio <= 1, "inner_ratio", inner_ratio, "a float in (0, 1]"),
+        (spatial_out_of_map in OUT_OF_MAP, "spatial_out_of_map", spatial_out_of_map, f"one of {', '.join(OUT_OF_MAP)}"),
+        (channel_out_of_map in OUT_OF_MAP, "channel_out_of_map", channel_out_of_map, f"one of {', '.join(OUT_OF_MAP)}"),
+        (channel_order in CHANNEL_ORDERS, "channel_order", channel_order, f"one of {', '.join(CHANNEL_ORDERS)}"),
+        (isinstance(grid_dilation, int) and not isinstance(grid_dilation, bool) and grid_dilation >= 1,
+         "grid_dilation", grid_dilation, "an integer >= 1"),
+        (isinstance(learn_offsets, bool), "learn_offsets", learn_offsets, "true or false"),
     ]
     for ok, name, value, allowed in checks:
         if not ok:
@@ -121,21 +154,33 @@ def _bound(offsets: torch.Tensor, offset_range: float) -> torch.Tensor:
     return offsets if offset_range <= 0 else offset_range * torch.tanh(offsets / offset_range)
 
 
+def offset_magnitude(offsets: torch.Tensor) -> tuple[float, float]:
+    """Mean and max of |(dy, dx)| over every point and location of offsets (B, 2N, H, W)."""
+    B, twice_n, H, W = offsets.shape
+    norm = offsets.detach().float().reshape(B, twice_n // 2, 2, H, W).norm(dim=2)  # (B, N, H, W)
+    return float(norm.mean()), float(norm.amax())
+
+
 class SpatialBranch(nn.Module):
     """Spatial-wise dynamic affinity (figure a): returns x_S_out (B, C, H, W)."""
 
     def __init__(self, channels: int, *, num_points: int = 9, pos_embed: str = "sine",
-                 inner_ratio: float = 0.5, offset_range: float = 0.0):
+                 inner_ratio: float = 0.5, offset_range: float = 0.0, out_of_map: str = "mask",
+                 grid_dilation: int = 1, learn_offsets: bool = True, align_corners: bool = True):
         super().__init__()
         d = max(1, round(channels * inner_ratio))
         self.num_points = num_points
         self.offset_range = offset_range
+        self.out_of_map = out_of_map
+        self.grid_dilation = grid_dilation
+        self.align_corners = align_corners
+        self.last_offsets: torch.Tensor | None = None  # (B, 2N, H, W) of the last forward, detached
         self.pos_l = PositionEmbedding(channels, kind=pos_embed)
         self.pos_h = PositionEmbedding(channels, kind=pos_embed)
         self.query = nn.Conv2d(channels, d, 1)  # theta
         self.key = nn.Conv2d(2 * channels, d, 1)  # phi, on concat(x_l, up(x_h))
         self.value = nn.Conv2d(channels, d, 1)  # g, on up(x_h)
-        self.offset = _offset_conv(2 * channels, num_points)
+        self.offset = _offset_conv(2 * channels, num_points) if learn_offsets else None
         self.proj = nn.Conv2d(d, channels, 1)
 
     def forward(self, x_l: torch.Tensor, x_h: torch.Tensor) -> torch.Tensor:
@@ -155,35 +200,60 @@ class SpatialBranch(nn.Module):
         qk = F.conv2d(xl, torch.cat([self.query.weight, w_key_l]), torch.cat([self.query.bias, self.key.bias]))
         kv = F.conv2d(xh, torch.cat([w_key_h, self.value.weight]),
                       torch.cat([torch.zeros_like(self.key.bias), self.value.bias]))  # (B, 2d, h, w)
-        kv = F.interpolate(kv, size=size, mode="bilinear", align_corners=False)  # (B, 2d, H, W)
+        kv = F.interpolate(kv, size=size, mode="bilinear", align_corners=self.align_corners)  # (B, 2d, H, W)
         q, k_l = qk.split(d, dim=1)  # split, not slices: one cat in the backward instead of zero-filled copies
         k_h, v = kv.split(d, dim=1)
         k = k_l + k_h  # theta, phi, g: each (B, d, H, W)
-        up_h = F.interpolate(x_h, size=size, mode="bilinear", align_corners=False)  # (B, C, H, W)
-        w_off = self.offset.weight
-        offsets = F.conv2d(x_l, w_off[:, :C], self.offset.bias, padding=1) + F.conv2d(up_h, w_off[:, C:], padding=1)
-        offsets = _bound(offsets, self.offset_range)  # (B, 2N, H, W)
-        y = dynamic_affinity(q, k, v, offsets, num_points=self.num_points)  # (B, d, H, W)
+        offsets = self._offsets(x_l, x_h)  # (B, 2N, H, W)
+        self.last_offsets = offsets.detach()
+        y = dynamic_affinity(q, k, v, offsets, num_points=self.num_points, out_of_map=self.out_of_map,
+                             dilation=self.grid_dilation)  # (B, d, H, W)
         return self.proj(y)
+
+    def _offsets(self, x_l: torch.Tensor, x_h: torch.Tensor) -> torch.Tensor:
+        """The offset conv on concat(x_l, up(x_h)), as two convs (one per half of its input), bounded, in
+        float32 under any autocast (positions of tens of pixels need more than bf16's 8 mantissa bits);
+        zeros without learned offsets. x_l (B, C, H, W), x_h (B, C, h, w) -> (B, 2N, H, W) float32."""
+        B, C, H, W = x_l.shape
+        if self.offset is None:
+            return x_l.new_zeros(B, 2 * self.num_points, H, W, dtype=torch.promote_types(x_l.dtype, torch.float32))
+        up_h = F.interpolate(x_h, size=(H, W), mode="bilinear", align_corners=self.align_corners)  # (B, C, H, W)
+        w_off = self.offset.weight
+        offsets = (conv2d_fp32(x_l, w_off[:, :C], self.offset.bias, padding=1)
+                   + conv2d_fp32(up_h, w_off[:, C:], padding=1))
+        return _bound(offsets, self.offset_range)
 
 
 class ChannelBranch(nn.Module):
     """Channel-wise dynamic affinity (figure b): returns x_C_out (B, C, H, W)."""
 
-    def __init__(self, channels: int, *, num_points: int = 9, pooled_size: int = 8, offset_range: float = 0.0):
+    def __init__(self, channels: int, *, num_points: int = 9, pooled_size: int = 8, offset_range: float = 0.0,
+                 out_of_map: str = "mask", channel_order: str = "natural", learn_offsets: bool = True,
+                 align_corners: bool = True):
         super().__init__()
         self.side = max(1, round(math.sqrt(channels)))  # channels laid out on side x side
         c = self.side ** 2
         self.num_points = num_points
         self.pooled_size = pooled_size
         self.offset_range = offset_range
+        self.out_of_map = out_of_map
+        self.align_corners = align_corners
+        self.last_offsets: torch.Tensor | None = None  # (B, 2N, s, s) of the last forward, detached
         self.query = nn.Conv2d(channels, c, 1)
         self.key = nn.Conv2d(2 * channels, c, 1)
         self.value = nn.Conv2d(channels, c, 1)
-        self.offset = _offset_conv(pooled_size ** 2, num_points)
+        self.offset = _offset_conv(pooled_size ** 2, num_points) if learn_offsets else None
         self.proj = nn.Conv2d(c, channels, 1) if c != channels else nn.Identity()
+        if channel_order == "permuted":  # grid cell g holds channel perm[g]; drawn from torch's (seeded) RNG
+            perm = torch.randperm(c)
+            self.register_buffer("perm", perm)
+            self.register_buffer("inverse_perm", torch.argsort(perm))
+        else:
+            self.perm = self.inverse_perm = None
 
     def _to_grid(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.index_select(1, self.perm)  # channel perm[g] at cell g (a fresh NCHW-contiguous tensor)
         B, c, h, w = x.shape
         # every channel becomes a pixel of a side x side grid whose features are its h*w values;
         # a view (channels-last strides) when x is contiguous, which the sampling reads as rows
@@ -198,11 +268,23 @@ class ChannelBranch(nn.Module):
         q = self._to_grid(self.query(pl))  # (B, a^2, s, s)
         k = self._to_grid(self.key(torch.cat([pl, ph], dim=1)))  # (B, a^2, s, s)
         v = self._to_grid(to_memory_format(self.value(x_h), torch.contiguous_format))  # (B, hw, s, s)
-        offsets = _bound(self.offset(k), self.offset_range)  # (B, 2N, s, s)
-        z = dynamic_affinity(q, k, v, offsets, num_points=self.num_points)  # (B, hw, s, s)
-        z = z.permute(0, 2, 3, 1).reshape(B, -1, h, w)  # (B, s, s, hw) -> (B, c, h, w)
+        offsets = self._offsets(k)  # (B, 2N, s, s)
+        self.last_offsets = offsets.detach()
+        z = dynamic_affinity(q, k, v, offsets, num_points=self.num_points, out_of_map=self.out_of_map)  # (B, hw, s, s)
+        z = z.permute(0, 2, 3, 1).reshape(B, -1, h, w)  # (B, s, s, hw) -> (B, c, h, w), grid order
+        if self.inverse_perm is not None:
+            z = z.index_select(1, self.inverse_perm)  # back to channel order: channel j from cell inverse_perm[j]
         z = to_memory_format(self.proj(z), torch.channels_last)  # small here; the upsampled map is not
-        return F.interpolate(z, size=(H, W), mode="bilinear", align_corners=False)
+        return F.interpolate(z, size=(H, W), mode="bilinear", align_corners=self.align_corners)
+
+
+    def _offsets(self, k: torch.Tensor) -> torch.Tensor:
+        """The offset conv on the key's channel grid, bounded, in float32 under any autocast (as the
+        spatial branch's); zeros without learned offsets. k (B, a^2, s, s) -> (B, 2N, s, s)."""
+        if self.offset is None:
+            dtype = torch.promote_types(k.dtype, torch.float32)
+            return k.new_zeros(k.shape[0], 2 * self.num_points, self.side, self.side, dtype=dtype)
+        return _bound(conv2d_fp32(k, self.offset.weight, self.offset.bias, padding=1), self.offset_range)
 
 
 class DDSM(nn.Module):
@@ -212,15 +294,25 @@ class DDSM(nn.Module):
     """
 
     def __init__(self, channels: int, *, branches: str = "dual", num_points: int = 9, pos_embed: str = "sine",
-                 pooled_size: int = 8, fusion: str = "sum", offset_range: float = 0.0, inner_ratio: float = 0.5):
+                 pooled_size: int = 8, fusion: str = "sum", offset_range: float = 0.0, inner_ratio: float = 0.5,
+                 spatial_out_of_map: str = "mask", channel_out_of_map: str = "mask", channel_order: str = "natural",
+                 grid_dilation: int = 1, learn_offsets: bool = True, align_corners: bool = True):
         super().__init__()
         check_ddsm_options(branches=branches, num_points=num_points, pos_embed=pos_embed, pooled_size=pooled_size,
-                           fusion=fusion, offset_range=offset_range, inner_ratio=inner_ratio)
+                           fusion=fusion, offset_range=offset_range, inner_ratio=inner_ratio,
+                           spatial_out_of_map=spatial_out_of_map, channel_out_of_map=channel_out_of_map,
+                           channel_order=channel_order, grid_dilation=grid_dilation, learn_offsets=learn_offsets)
         self.fusion = fusion
         self.spatial = (SpatialBranch(channels, num_points=num_points, pos_embed=pos_embed, inner_ratio=inner_ratio,
-                                      offset_range=offset_range) if branches in ("spatial", "dual") else None)
+                                      offset_range=offset_range, out_of_map=spatial_out_of_map,
+                                      grid_dilation=grid_dilation, learn_offsets=learn_offsets,
+                                      align_corners=align_corners)
+                        if branches in ("spatial", "dual") else None)
         self.channel = (ChannelBranch(channels, num_points=num_points, pooled_size=pooled_size,
-                                      offset_range=offset_range) if branches in ("channel", "dual") else None)
+                                      offset_range=offset_range, out_of_map=channel_out_of_map,
+                                      channel_order=channel_order, learn_offsets=learn_offsets,
+                                      align_corners=align_corners)
+                        if branches in ("channel", "dual") else None)
         n_in = 1 + (self.spatial is not None) + (self.channel is not None)
         self.merge = nn.Conv2d(n_in * channels, channels, 1) if fusion == "concat" else None
 
@@ -241,3 +333,9 @@ class DDSM(nn.Module):
         for part in (*parts[2:], x_l):
             out = out.add_(part)
         return to_memory_format(out, fmt)
+
+    def offset_stats(self) -> dict[str, tuple[float, float]]:
+        """``{branch: (mean, max) |offset|}`` of each branch's last forward (branches not run yet are left out)."""
+        branches = {"spatial": self.spatial, "channel": self.channel}
+        return {name: offset_magnitude(b.last_offsets) for name, b in branches.items()
+                if b is not None and b.last_offsets is not None}

@@ -3,8 +3,31 @@
 For every output location p and every point k of a k x k base grid r_k, a feature map is sampled
 bilinearly at ``p + r_k + offset_k(p)``; a query at p is compared with the N sampled keys, a softmax
 over the N points gives the affinity, and the affinity-weighted sum of the N sampled values is the
-output. Points outside the map read zeros (as in deformable convolution), so with zero offsets the
-sampling equals an explicit zero-padded k x k neighbourhood gather.
+output.
+
+What a point outside the map contributes (``out_of_map``, chosen per branch by DDSM):
+
+- ``mask`` (the default): only the part of a point's bilinear footprint that lies on the map counts.
+  With ``m_k`` in [0, 1] that share (1 for every point inside, 0 for a point a pixel or more outside,
+  linear in between), the point reads its on-map corners renormalised (key and value = sum_c w_c X_c
+  / m_k) and its softmax term is weighted by it: ``attn_k = m_k exp(l_k) / sum_j m_j exp(l_j)``. A
+  point off the map takes no weight, the output is a convex combination of real features wherever the
+  query sits, and the weight fades out continuously, so the op stays differentiable in the offsets.
+  A query whose N points are all off the map returns 0.
+- ``zero``: the point reads a zero key (logit 0) and a zero value and keeps its share of the softmax,
+  as in deformable convolution's zero padding; with zero offsets the sampling is then exactly an
+  explicit zero-padded k x k neighbourhood gather.
+
+Why ``mask`` is the default: a zero-padded point is a constant "null" slot with logit 0, not -inf. At
+initialisation every logit is near 0, so a query with n of its N points inside gets an output scaled by
+about n/N, and this shrinkage depends on where the query sits, not on what it sees. On the channel
+branch's sqrt(c) x sqrt(c) grid nearly every channel is near a border (at R18, 33% of channels have a
+point off the grid at N=9 and 79% at N=49), so with ``zero`` the N ablation would measure padding as
+much as sampling. Masking is how attention treats padding elsewhere (key padding masks); ``zero`` stays
+available as the deformable-convolution-style ablation.
+
+The base grid can be dilated (``dilation``: r_k * d), which spreads the N points over a larger window
+without learning anything: the control that separates "learned sampling" from "more context".
 
 Written here (not taken from torchvision.ops.deform_conv2d) because DDSM needs the sampled keys and
 values themselves for a softmax affinity, not a weighted convolution of them.
@@ -17,12 +40,18 @@ Two implementations of :func:`dynamic_affinity` (``impl``):
   memory stays O(B C H W + B N H W) and the CPU time is a few passes over the feature maps.
 - ``grid_sample``: the direct reading of the figure with ``F.grid_sample`` and autograd; the
   reference the fast path is tested against (tests/test_sampling_fast.py), kept for benchmarks.
+
+Which one the model uses (``impl=None``) is chosen per device type by :func:`default_impl`: the
+``DDSM_SAMPLING_IMPL`` environment variable (``grid_sample`` for every device, or per device type:
+``cuda=grid_sample,cpu=gather``), else :data:`DEFAULT_IMPLS`. ``benchmarks/gpu_check.py`` times
+both on the GPU it runs on and says which to set when the gather path loses there.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import math
+import os
 from collections.abc import Iterator
 
 import torch
@@ -53,10 +82,39 @@ def _record(pos: torch.Tensor, offsets: torch.Tensor, map_size: tuple[int, int])
     B, N, H, W, _ = pos.shape
     off = offsets.detach().view(B, N, 2, H, W).permute(0, 1, 3, 4, 2)  # (B, N, H, W, 2)
     _RECORDERS[-1].append({"positions": pos.detach().clone(), "offsets": off.clone(), "map_size": map_size})
+OUT_OF_MAP = ("mask", "zero")  # what a point outside the map contributes (module docstring); mask is the default
+# The implementation per device type when none is given (measured on CPU; on CUDA by benchmarks/gpu_check.py).
+DEFAULT_IMPLS: dict[str, str] = {"cpu": "gather", "cuda": "gather"}
+IMPL_ENV = "DDSM_SAMPLING_IMPL"
 
 
-def base_grid(num_points: int, *, device=None, dtype=None) -> torch.Tensor:
-    """The k x k regular offsets (dy, dx) around the centre, row-major; shape (N, 2).
+@functools.lru_cache(maxsize=8)
+def _parse_impl_env(text: str) -> dict[str, str]:
+    """``"grid_sample"`` -> {"*": "grid_sample"}; ``"cuda=grid_sample,cpu=gather"`` -> per device type."""
+    choice: dict[str, str] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        device_type, _, impl = item.rpartition("=")
+        impl = impl.strip()
+        if impl not in IMPLS:
+            raise ValueError(f"{IMPL_ENV}={text!r} is not allowed: {impl!r} is not one of {', '.join(IMPLS)} "
+                             "(expected e.g. grid_sample or cuda=grid_sample,cpu=gather)")
+        choice[device_type.strip() or "*"] = impl
+    return choice
+
+
+def default_impl(device: torch.device | str) -> str:
+    """The :func:`dynamic_affinity` implementation for ``device`` when the caller gives none.
+
+    ``DDSM_SAMPLING_IMPL`` (read on every call, so a process can change it) wins over
+    :data:`DEFAULT_IMPLS`; device types in neither use ``gather``.
+    """
+    device_type = torch.device(device).type
+    override = _parse_impl_env(os.environ.get(IMPL_ENV, ""))
+    return override.get(device_type) or override.get("*") or DEFAULT_IMPLS.get(device_type, "gather")
+
+
+def base_grid(num_points: int, *, dilation: int = 1, device=None, dtype=None) -> torch.Tensor:
+    """The k x k regular offsets (dy, dx) around the centre, row-major, spaced ``dilation`` pixels; shape (N, 2).
 
     N must be a perfect square k*k; N=1 is the centre alone.
     """
@@ -65,26 +123,29 @@ def base_grid(num_points: int, *, device=None, dtype=None) -> torch.Tensor:
         raise ValueError(f"num_points={num_points} is not allowed: expected a perfect square k*k (1, 4, 9, ...)")
     # Even k (N=4, 16, ...) has no centre pixel: its grid is centred half a pixel off, at -(k-1)/2 .. (k-1)/2.
     r = torch.arange(k, device=device, dtype=dtype or torch.float32) - (k - 1) / 2
+    if dilation != 1:
+        r = r * dilation
     dy, dx = torch.meshgrid(r, r, indexing="ij")
     return torch.stack([dy.reshape(-1), dx.reshape(-1)], dim=1)  # (N, 2)
 
 
-def _grid_positions(height: int, width: int, num_points: int, *, device, dtype) -> torch.Tensor:
+def _grid_positions(height: int, width: int, num_points: int, *, dilation: int = 1, device, dtype) -> torch.Tensor:
     """p + r_k for every pixel p of an H x W map and every base-grid point k: (H, W, N, 2) as (y, x)."""
     ys = torch.arange(height, device=device, dtype=dtype)
     xs = torch.arange(width, device=device, dtype=dtype)
     centre = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1)  # (H, W, 2)
-    return centre[:, :, None] + base_grid(num_points, device=device, dtype=dtype)  # (H, W, N, 2)
+    grid = base_grid(num_points, dilation=dilation, device=device, dtype=dtype)
+    return centre[:, :, None] + grid  # (H, W, N, 2)
 
 
-def sample_positions(offsets: torch.Tensor, num_points: int) -> torch.Tensor:
-    """Absolute sampling positions p + r_k + offset_k(p) in pixels.
+def sample_positions(offsets: torch.Tensor, num_points: int, *, dilation: int = 1) -> torch.Tensor:
+    """Absolute sampling positions p + r_k * dilation + offset_k(p) in pixels.
 
     offsets: (B, 2N, H, W) laid out as (dy_1, dx_1, dy_2, dx_2, ...). Returns (B, N, H, W, 2) as (y, x).
     """
     B, _, H, W = offsets.shape
     off = offsets.view(B, num_points, 2, H, W).permute(0, 1, 3, 4, 2)  # (B, N, H, W, 2)
-    grid = _grid_positions(H, W, num_points, device=offsets.device, dtype=offsets.dtype)  # (H, W, N, 2)
+    grid = _grid_positions(H, W, num_points, dilation=dilation, device=offsets.device, dtype=offsets.dtype)
     return grid.permute(2, 0, 1, 3)[None] + off  # (B, N, H, W, 2)
 
 
@@ -95,11 +156,12 @@ def sample_at(feat: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """
     B, C, Hin, Win = feat.shape
     _, N, H, W, _ = pos.shape
-    # grid_sample wants (x, y) normalised to [-1, 1] with align_corners=True: -1 = pixel 0, 1 = last pixel.
-    gx = pos[..., 1] * (2.0 / max(Win - 1, 1)) - 1.0
-    gy = pos[..., 0] * (2.0 / max(Hin - 1, 1)) - 1.0
+    # grid_sample wants (x, y) normalised to [-1, 1]; with align_corners=False pixel i sits at (2i + 1) / n - 1,
+    # which holds for every size, 1 included (align_corners=True maps a size-1 axis to pixel 0 wherever it points)
+    gx = (2.0 * pos[..., 1] + 1.0) / Win - 1.0
+    gy = (2.0 * pos[..., 0] + 1.0) / Hin - 1.0
     grid = torch.stack([gx, gy], dim=-1).view(B, N * H, W, 2)  # (B, N*H, W, 2)
-    out = F.grid_sample(feat, grid, mode="bilinear", padding_mode="zeros", align_corners=True)  # (B, C, N*H, W)
+    out = F.grid_sample(feat, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B, C, N*H, W)
     return out.view(B, C, N, H, W).transpose(1, 2)  # (B, N, C, H, W)
 
 
@@ -180,7 +242,7 @@ class Corners:
 def _bags(num_bags: int, bag_size: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed-size bags: their starts (num_bags,) and the bag of every sample (num_bags * bag_size,)."""
     starts = torch.arange(0, num_bags * bag_size, bag_size, device=device, dtype=dtype)
-    bag_of = torch.arange(num_bags, device=device, dtype=dtype)[:, None].expand(num_bags, bag_size).reshape(-1)
+    bag_of = torch.arange(num_bags, device=device, dtype=dtype).repeat_interleave(bag_size)  # contiguous, even for 1
     return starts, bag_of
 
 
@@ -231,51 +293,90 @@ def scatter_corners(corners: Corners, pairs: list[tuple[torch.Tensor, torch.Tens
             for x, w in pairs]
 
 
+def masked_softmax(logits: torch.Tensor, mass: torch.Tensor, *, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attn = mass * exp(logits) / sum(mass * exp(logits))`` along ``dim``, and ``ratio = attn / mass``.
+
+    ``mass`` in [0, 1] is each point's share of the map (see the module docstring); a point with mass 0
+    gets weight 0 whatever its logit, and a slice whose points all have mass 0 gets attn 0 (not NaN, in
+    the forward and the backward). The maximum is taken over points with mass > 0 only, so a large
+    logit of an off-map point cannot underflow the others. ``ratio`` (``exp(l) / sum``) is what the
+    backward needs.
+    """
+    off_map = mass <= 0
+    top = logits.detach().masked_fill(off_map, float("-inf")).amax(dim, keepdim=True)  # -inf: no point on the map
+    e = torch.exp((logits - top).masked_fill(off_map, float("-inf")))  # 0 off the map, never inf or NaN
+    den = (mass * e).sum(dim, keepdim=True)
+    ratio = e / den.clamp_min(torch.finfo(den.dtype).tiny)  # e == 0 wherever den == 0
+    return mass * ratio, ratio
+
+
 class SampledAffinity(torch.autograd.Function):
     """softmax_n(scale <q_p, K(pos_pn)>)-weighted sum of V(pos_pn) over the N points of each pixel p.
 
     q (B*L, C), key (R, C), value (R, Cv) as rows, R = B*Hk*Wk; pos (B, 2, N, L) in pixels (y, x).
-    Returns (B*L, Cv). Saved for the backward: the inputs, the corners and the per-point weights
-    (O(B N L) each); no (B, N, C, L) tensor.
+    ``masked`` (``out_of_map="mask"``): a point reads its on-map corners renormalised by its mass m
+    (the sum of its corner weights) and its softmax term is weighted by m; otherwise off-map corners
+    read zeros (``"zero"``). Returns (B*L, Cv). Saved for the backward: the inputs, the corners and the
+    per-point weights (O(B N L) each); no (B, N, C, L) tensor.
     """
 
     @staticmethod
-    def forward(ctx, q, key, value, pos, height: int, width: int, scale: float):
+    def forward(ctx, q, key, value, pos, height: int, width: int, scale: float, masked: bool):
         """See the class docstring."""
         corners = Corners(pos, height=height, width=width)
         B, _, N, L = corners.weights.shape
         w = corners.weights.to(q.dtype)  # (B, 4, N, L)
         dots = _from_bags(gather_dot(q, key, corners.bag_index), B).view(B, 4, N, L)  # <q_p, key[corner]>
-        attn = ((w * dots).sum(1) * scale).softmax(dim=1)  # (B, N, L): softmax over the N points
-        wv = attn[:, None] * w  # (B, 4, N, L): weight of every value row
+        raw = (w * dots).sum(1)  # (B, N, L): <q, zero-padded key read>
+        if masked:  # renormalised reads, softmax terms weighted by the on-map mass
+            mass = w.sum(1)  # (B, N, L)
+            logits = raw / mass.clamp_min(torch.finfo(mass.dtype).tiny) * scale  # raw == 0 where mass == 0
+            attn, ratio = masked_softmax(logits, mass, dim=1)
+            wv = ratio[:, None] * w  # attn_k * w_c / m_k: weight of every value row, (B, 4, N, L)
+        else:  # plain softmax over the N points
+            logits = raw * scale
+            attn = ratio = logits.softmax(dim=1)
+            wv = attn[:, None] * w
         out = weighted_gather(value, corners.bag_index, _to_bags(wv.view(B, 4 * N, L)))  # (B*L, Cv)
-        ctx.save_for_backward(q, key, value, attn, dots, wv)
-        ctx.corners, ctx.scale, ctx.pos_dtype = corners, scale, pos.dtype
+        ctx.save_for_backward(q, key, value, attn, ratio, logits, dots, wv)
+        ctx.corners, ctx.scale, ctx.pos_dtype, ctx.masked = corners, scale, pos.dtype, masked
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        """Gradients of q, key, value and pos (not of the integer sizes or the scale)."""
-        q, key, value, attn, dots, wv = ctx.saved_tensors
+        """Gradients of q, key, value and pos (not of the integer sizes, the scale or the mode).
+
+        Zero mode: the softmax backward, g_k = dL/dattn_k - sum_j attn_j dL/dattn_j, dL/dl_k = attn_k g_k.
+        Masked: with u_kc = w_kc / m_k the renormalised corner weights, r_k = attn_k / m_k, l_k = s <q, u_k K>
+        and A_kc = <dL/dout, V_c>: dL/dattn_k = sum_c u_kc A_kc, and through u and m (m_k = sum_c w_kc)
+        dL/dw_kc = r_k (A_kc - dL/dattn_k + s g_k <q, K_c> - g_k l_k + g_k), with no division by m.
+        """
+        q, key, value, attn, ratio, logits, dots, wv = ctx.saved_tensors
         corners, scale = ctx.corners, ctx.scale
         B, _, N, L = wv.shape
         w = corners.weights.to(q.dtype)
         vdots = _from_bags(gather_dot(grad_out, value, corners.bag_index), B).view(B, 4, N, L)  # <g_p, value[c]>
-        d_attn = (w * vdots).sum(1)  # (B, N, L)
-        d_logit = attn * (d_attn - (attn * d_attn).sum(1, keepdim=True)) * scale  # softmax backward, (B, N, L)
-        wk = d_logit[:, None] * w  # (B, 4, N, L): weight of every key row
+        d_attn = (w * vdots).sum(1)  # (B, N, L): dL/dattn (zero mode), m times it (masked)
+        if ctx.masked:
+            d_attn = d_attn / w.sum(1).clamp_min(torch.finfo(w.dtype).tiny)  # 0 where the mass is 0
+        g = d_attn - (attn * d_attn).sum(1, keepdim=True)  # softmax backward, (B, N, L)
+        wk = (scale * ratio * g)[:, None] * w  # (B, 4, N, L): weight of every key row (attn g u s = r g w s)
         need_q, need_k, need_v, need_pos = ctx.needs_input_grad[:4]
         dq = weighted_gather(key, corners.bag_index, _to_bags(wk.view(B, 4 * N, L))) if need_q else None
         dpos = None
         if need_pos:
-            d_w = attn[:, None] * vdots + d_logit[:, None] * dots  # dL / d weight, (B, 4, N, L)
+            if ctx.masked:
+                d_w = ratio[:, None] * (vdots - d_attn[:, None] + (scale * g)[:, None] * dots
+                                        + (g * (1 - logits))[:, None])  # dL / d weight, (B, 4, N, L)
+            else:
+                d_w = attn[:, None] * vdots + (scale * attn * g)[:, None] * dots  # dL / d weight, (B, 4, N, L)
             dpos = corners.position_grad(d_w.to(corners.factors.dtype)).to(ctx.pos_dtype)  # (B, 2, N, L)
         pairs = ([(q, wk)] if need_k else []) + ([(grad_out, wv)] if need_v else [])
         grads = iter(scatter_corners(corners, pairs) if pairs else [])
         dk = next(grads) if need_k else None
         dv = next(grads) if need_v else None
-        return dq, dk, dv, dpos, None, None, None
+        return dq, dk, dv, dpos, None, None, None, None
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -292,7 +393,9 @@ def dynamic_affinity(
     *,
     num_points: int,
     scale: float | None = None,
-    impl: str = "gather",
+    out_of_map: str = "mask",
+    dilation: int = 1,
+    impl: str | None = None,
 ) -> torch.Tensor:
     """Affinity-weighted sum of N dynamically sampled values.
 
@@ -302,36 +405,56 @@ def dynamic_affinity(
     offsets: (B, 2N, H, W) learned offsets in pixels of the key/value map; half-precision offsets are
     promoted to float32 (positions of a few hundred pixels need more than bf16's 8 mantissa bits).
     scale: dot-product scale, default 1/sqrt(C) (as in scaled dot-product attention).
-    impl: ``gather`` (fast, default) or ``grid_sample`` (the reference; see the module docstring).
+    out_of_map: ``mask`` (default) or ``zero``: what a point outside the key/value map contributes
+    (see the module docstring for both and why mask is the default).
+    dilation: spacing of the k x k base grid in pixels (1 = adjacent pixels).
+    impl: ``gather`` (fast) or ``grid_sample`` (the reference); None: :func:`default_impl` of the device.
     Returns (B, Cv, H, W); the gather path returns it with channels-last strides.
     """
+    impl = impl if impl is not None else default_impl(query.device)
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not allowed: expected one of {', '.join(IMPLS)}")
+    if out_of_map not in OUT_OF_MAP:
+        raise ValueError(f"out_of_map={out_of_map!r} is not allowed: expected one of {', '.join(OUT_OF_MAP)}")
+    if not isinstance(dilation, int) or dilation < 1:
+        raise ValueError(f"dilation={dilation!r} is not allowed: expected an integer >= 1")
+    masked = out_of_map == "mask"
     B, C, H, W = query.shape
     N = num_points
     s = scale if scale is not None else C ** -0.5
     offsets = offsets.to(torch.promote_types(offsets.dtype, torch.float32))
     Hk, Wk = key.shape[-2:]
     if impl == "grid_sample":
-        pos = sample_positions(offsets, N)  # (B, N, H, W, 2)
+        pos = sample_positions(offsets, N, dilation=dilation)  # (B, N, H, W, 2)
         if _RECORDERS:
             _record(pos, offsets, (Hk, Wk))
-        return _affinity_grid_sample(query, key, value, pos, scale=s)
+        return _affinity_grid_sample(query, key, value, pos, scale=s, masked=masked)
     dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
-    grid = _grid_positions(H, W, N, device=offsets.device, dtype=offsets.dtype)  # (H, W, N, 2)
+    grid = _grid_positions(H, W, N, dilation=dilation, device=offsets.device, dtype=offsets.dtype)  # (H, W, N, 2)
     grid = grid.permute(3, 2, 0, 1).reshape(2, N, H * W)  # (2, N, L)
     pos = (offsets.contiguous().view(B, N, 2, H * W).transpose(1, 2) + grid).contiguous()  # (B, 2, N, L)
     if _RECORDERS:
         _record(pos.view(B, 2, N, H, W).permute(0, 2, 3, 4, 1), offsets, (Hk, Wk))  # as (B, N, H, W, 2)
     out = SampledAffinity.apply(_rows(query.to(dtype)), _rows(key.to(dtype)), _rows(value.to(dtype)), pos,
-                                Hk, Wk, s)  # (B*L, Cv)
+                                Hk, Wk, s, masked)  # (B*L, Cv)
     return out.view(B, H, W, -1).permute(0, 3, 1, 2)  # (B, Cv, H, W)
 
 
-def _affinity_grid_sample(query, key, value, pos, *, scale: float) -> torch.Tensor:
-    """Reference: sample (B, N, C, H, W) keys and values with grid_sample, softmax over N, sum."""
+def _affinity_grid_sample(query, key, value, pos, *, scale: float, masked: bool) -> torch.Tensor:
+    """Reference: sample (B, N, C, H, W) keys and values with grid_sample, softmax over N, sum.
+
+    The on-map mass of each point (``masked``) is a ones map sampled the same way (zeros outside), by
+    which the zero-padded reads are divided.
+    """
     k = sample_at(key, pos.to(key.dtype))  # (B, N, C, H, W)
     v = sample_at(value, pos.to(value.dtype))  # (B, N, Cv, H, W)
-    logits = (k * query[:, None]).sum(dim=2) * scale  # (B, N, H, W)
-    attn = logits.softmax(dim=1)  # softmax over the N sampled points
+    if masked:  # renormalise the reads by the on-map mass, weight the softmax terms by it
+        ones = key.new_ones(key.shape[0], 1, *key.shape[-2:])  # (B, 1, Hk, Wk)
+        mass = sample_at(ones, pos.to(key.dtype))  # (B, N, 1, H, W)
+        k, v = (t / mass.clamp_min(torch.finfo(mass.dtype).tiny) for t in (k, v))  # 0 where the mass is 0
+        logits = (k * query[:, None]).sum(dim=2) * scale  # (B, N, H, W)
+        attn, _ = masked_softmax(logits, mass[:, :, 0], dim=1)
+    else:
+        logits = (k * query[:, None]).sum(dim=2) * scale  # (B, N, H, W)
+        attn = logits.softmax(dim=1)  # softmax over the N sampled points
     return (attn[:, :, None] * v).sum(dim=1)  # (B, Cv, H, W)

@@ -127,6 +127,7 @@ class CellRun:
     cell_hash: str
     status: str
     eval_hash: str = ""
+    metrics: dict[str, float] | None = None  # None: the policy asks final_metrics()
 
 
 class MemoryRecorder:

@@ -200,9 +200,9 @@ def test_a_second_ctrl_c_aborts_the_step_and_a_resume_repairs_the_rest(grid, tmp
 def test_a_retry_waiting_at_the_interruption_is_closed(grid, tmp_path: Path):
     stop, tags = StopFlag(), []
 
-    def at_the_failure(name: str) -> None:  # set_tags #1: launched, #2: its failure (the retry is queued)
-        tags.append(name) if name == "set_tags" else None
-        if len(tags) == 2:
+    def at_the_failure(name: str) -> None:  # set_tags #1: its failure (the retry is queued; launch tags go with
+        tags.append(name) if name == "set_tags" else None  # the run's creation)
+        if len(tags) == 1:
             stop.set()
 
     recorder, launcher = MemoryRecorder(hook=at_the_failure), FakeLauncher(_fails_first({1: "error"}))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,21 @@ def test_ohem_keeps_pixels_below_threshold_and_at_least_min_kept():
     # min_kept=2: the 2nd smallest (0.6) is below 0.7, so the threshold stays 0.7
     keep = ohem_keep_mask(logits, target, thresh=0.7, min_kept=2)
     assert keep.flatten().tolist() == [False, True, True, False]
+
+
+@pytest.mark.parametrize("min_kept", [0, 1, 50, 400, 10_000])
+def test_ohem_mask_equals_the_kthvalue_formula(min_kept: int):
+    """The device-only OHEM threshold equals max(thresh, k-th smallest valid p) with k = min(min_kept, valid)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 12, 16, generator=g) * 3
+    target = torch.randint(0, 5, (2, 12, 16), generator=g)
+    target[torch.rand(2, 12, 16, generator=g) < 0.3] = 255
+    valid = target != 255
+    p_true = logits.softmax(1).gather(1, target.masked_fill(~valid, 0).unsqueeze(1)).squeeze(1)
+    k = min(min_kept, int(valid.sum()))
+    threshold = max(0.5, float(p_true[valid].kthvalue(k).values)) if k > 0 else 0.5
+    expected = valid & (p_true <= threshold)
+    assert torch.equal(ohem_keep_mask(logits, target, thresh=0.5, min_kept=min_kept), expected)
 
 
 def test_ohem_loss_known_answer():
@@ -387,6 +403,57 @@ def test_divergence_stops_with_nan_class_and_keeps_last_good_checkpoint(tmp_path
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
     failure = json.loads((tmp_path / "failure.json").read_text())
     assert failure["failure_class"] == "nan" and f"iteration {info.value.iteration}" in failure["message"]
+
+
+def _nan_at(monkeypatch: pytest.MonkeyPatch, iteration: int) -> list[int]:
+    """Make the loss of update ``iteration`` (1-based, fresh run) NaN; returns the list of updates run."""
+    train_module = sys.modules["ddsm.engine.train"]
+
+    real, calls = train_module.total_loss, []
+
+    def planted(*args, **kwargs):
+        calls.append(len(calls) + 1)
+        losses = real(*args, **kwargs)
+        return {k: v * float("nan") for k, v in losses.items()} if calls[-1] == iteration else losses
+
+    monkeypatch.setattr(train_module, "total_loss", planted)
+    return calls
+
+
+def test_divergence_between_read_backs_names_the_exact_iteration(tmp_path: Path, no_profiling: dict,
+                                                                monkeypatch: pytest.MonkeyPatch):
+    """Losses are read back every log_every steps, not per step, yet the first bad iteration is exact
+    and no checkpoint after it is written."""
+    import json
+
+    from ddsm.engine import train
+
+    updates = _nan_at(monkeypatch, 7)
+    recorder = Recorder()
+    cfg = _cfg(data=SMALL, train={"steps": 20, "log_every": 5, "ckpt_every": 5})
+    with pytest.raises(TrainingDiverged, match=r"^loss is nan at iteration 7$"):
+        train(cfg, out_dir=tmp_path, callbacks=[recorder])
+    assert updates[-1] == 10  # the loss of update 7 was read back at step 10 (no per-step host sync)
+    assert [(kind, step) for kind, step, _ in recorder.calls] == [("checkpoint", 0), ("train", 5), ("checkpoint", 5)]
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert last["step"] == 5 and sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [
+        "step_0000000.pt", "step_0000005.pt"]
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    failure = json.loads((tmp_path / "failure.json").read_text())
+    assert failure == {"failure_class": "nan", "message": "loss is nan at iteration 7", "step": 6}
+
+
+def test_losses_are_read_back_once_per_log_window(tmp_path: Path, no_profiling: dict, monkeypatch: pytest.MonkeyPatch):
+    train_module = sys.modules["ddsm.engine.train"]
+
+    reads = []
+    real = train_module._Unread.read
+    monkeypatch.setattr(train_module._Unread, "read", lambda self: reads.append(len(self)) or real(self))
+    recorder = Recorder()
+    train_module.train(_cfg(data=SMALL, train={"steps": 10, "log_every": 4}), out_dir=tmp_path, callbacks=[recorder])
+    assert reads == [4, 4, 2]  # steps 4, 8 and the last one
+    logged = [m for kind, _, m in recorder.calls if kind == "train"]
+    assert all(math.isfinite(m["loss"]) and m["step_time_ms"] > 0 for m in logged) and len(logged) == 3
 
 
 def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str, results: str) -> None:

@@ -38,15 +38,20 @@ def test_base_grid_even_is_centred():
         base_grid(8)
 
 
-def test_affinity_equals_explicit_softmax():
+@pytest.mark.parametrize("out_of_map", ["zero", "mask"])
+def test_affinity_equals_explicit_softmax(out_of_map):
     torch.manual_seed(1)
     B, C, H, W, N = 1, 4, 5, 5, 9
     q, k, v = (torch.randn(B, C, H, W) for _ in range(3))
     off = torch.zeros(B, 2 * N, H, W)
-    got = dynamic_affinity(q, k, v, off, num_points=N)
+    got = dynamic_affinity(q, k, v, off, num_points=N, out_of_map=out_of_map)
     ku = F.unfold(k, 3, padding=1).view(B, C, N, H, W)
     vu = F.unfold(v, 3, padding=1).view(B, C, N, H, W)
-    attn = ((q[:, :, None] * ku).sum(1) / math.sqrt(C)).softmax(1)  # (B, N, H, W)
+    logits = (q[:, :, None] * ku).sum(1) / math.sqrt(C)  # (B, N, H, W)
+    if out_of_map == "mask":  # the zero-padded neighbours of border pixels are left out of the softmax
+        inside = F.unfold(torch.ones(B, 1, H, W), 3, padding=1).view(B, N, H, W) > 0
+        logits = logits.masked_fill(~inside, float("-inf"))
+    attn = logits.softmax(1)
     torch.testing.assert_close(got, (attn[:, None] * vu).sum(2), atol=1e-5, rtol=1e-5)
 
 
@@ -62,7 +67,7 @@ def test_spatial_n1_zero_offsets_is_projected_centre_value():
     torch.manual_seed(3)
     br = SpatialBranch(8, num_points=1, pos_embed="sine")
     x_l, x_h = torch.randn(2, 8, 8, 10), torch.randn(2, 8, 4, 5)
-    xh = F.interpolate(br.pos_h(x_h), size=(8, 10), mode="bilinear", align_corners=False)
+    xh = F.interpolate(br.pos_h(x_h), size=(8, 10), mode="bilinear", align_corners=br.align_corners)
     torch.testing.assert_close(br(x_l, x_h), br.proj(br.value(xh)), atol=1e-5, rtol=1e-5)
 
 
@@ -71,6 +76,6 @@ def test_channel_n1_zero_offsets_returns_own_channel(channels):
     torch.manual_seed(4)
     br = ChannelBranch(channels, num_points=1, pooled_size=2)
     x_l, x_h = torch.randn(2, channels, 8, 8), torch.randn(2, channels, 4, 4)
-    expected = F.interpolate(br.proj(br.value(x_h)), size=(8, 8), mode="bilinear", align_corners=False)
+    expected = F.interpolate(br.proj(br.value(x_h)), size=(8, 8), mode="bilinear", align_corners=br.align_corners)
     torch.testing.assert_close(br(x_l, x_h), expected, atol=1e-5, rtol=1e-5)
     assert br.side ** 2 == (16 if channels == 16 else 9)

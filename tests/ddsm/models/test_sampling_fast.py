@@ -17,13 +17,14 @@ def _inputs(*, B=2, C=5, Cv=7, H=6, W=7, Hk=5, Wk=8, N=9, spread=3.0, dtype=torc
     return [t.requires_grad_() for t in (q, k, v, off)]
 
 
+@pytest.mark.parametrize("out_of_map", ["mask", "zero"])
 @pytest.mark.parametrize("N", [1, 4, 9, 25])
 @pytest.mark.parametrize("sizes", [dict(), dict(H=5, W=8, Hk=5, Wk=8), dict(Hk=3, Wk=4)])
-def test_fast_path_equals_grid_sample_values_and_gradients(N, sizes):
+def test_fast_path_equals_grid_sample_values_and_gradients(N, sizes, out_of_map):
     inputs = _inputs(N=N, **sizes)
     outs = {}
     for impl in ("gather", "grid_sample"):
-        out = dynamic_affinity(*inputs, num_points=N, impl=impl)
+        out = dynamic_affinity(*inputs, num_points=N, impl=impl, out_of_map=out_of_map)
         up = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)  # a non-uniform upstream gradient
         outs[impl] = (out, *torch.autograd.grad((out * up).sum(), inputs))
     for name, fast, ref in zip(["out", "dq", "dk", "dv", "doffsets"], outs["gather"], outs["grid_sample"]):
@@ -37,7 +38,8 @@ def test_some_points_fall_outside():
     assert 0.1 < outside.float().mean() < 0.9  # the equality test above covers both cases
 
 
-def test_gradcheck_sampled_affinity_float64():
+@pytest.mark.parametrize("masked", [True, False])
+def test_gradcheck_sampled_affinity_float64(masked):
     torch.manual_seed(1)
     B, C, Cv, H, W, Hk, Wk, N = 1, 3, 2, 3, 4, 4, 5, 4
     q = torch.randn(B * H * W, C, dtype=torch.float64, requires_grad=True)
@@ -46,7 +48,7 @@ def test_gradcheck_sampled_affinity_float64():
     # positions (B, 2, N, L) from -1.5 to 5.5 (outside on every side), away from the kinks of bilinear weights
     pos = torch.rand(B, 2, N, H * W, dtype=torch.float64) * 7 - 1.5
     pos = (pos.floor() + 0.1 + 0.8 * (pos - pos.floor())).requires_grad_()
-    fn = lambda q, k, v, pos: SampledAffinity.apply(q, k, v, pos, Hk, Wk, 0.7)  # noqa: E731
+    fn = lambda q, k, v, pos: SampledAffinity.apply(q, k, v, pos, Hk, Wk, 0.7, masked)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v, pos))
 
 
@@ -112,13 +114,14 @@ def _spatial_as_drawn(br: SpatialBranch, x_l, x_h):
     """The spatial branch written as the figure draws it (concat, full-size convs, grid_sample)."""
     size = x_l.shape[-2:]
     xl = br.pos_l(x_l)
-    xh = F.interpolate(br.pos_h(x_h), size=size, mode="bilinear", align_corners=False)
-    up_h = F.interpolate(x_h, size=size, mode="bilinear", align_corners=False)
+    xh = F.interpolate(br.pos_h(x_h), size=size, mode="bilinear", align_corners=br.align_corners)
+    up_h = F.interpolate(x_h, size=size, mode="bilinear", align_corners=br.align_corners)
     offsets = br.offset(torch.cat([x_l, up_h], dim=1))
     if br.offset_range > 0:
         offsets = br.offset_range * torch.tanh(offsets / br.offset_range)
     q, k, v = br.query(xl), br.key(torch.cat([xl, xh], dim=1)), br.value(xh)
-    return br.proj(dynamic_affinity(q, k, v, offsets, num_points=br.num_points, impl="grid_sample"))
+    return br.proj(dynamic_affinity(q, k, v, offsets, num_points=br.num_points, out_of_map=br.out_of_map,
+                                    dilation=br.grid_dilation, impl="grid_sample"))
 
 
 def _channel_as_drawn(br: ChannelBranch, x_l, x_h):
@@ -127,16 +130,22 @@ def _channel_as_drawn(br: ChannelBranch, x_l, x_h):
     h, w = x_h.shape[-2:]
     grid = lambda x: x.flatten(2).transpose(1, 2).reshape(B, x.shape[2] * x.shape[3], br.side, br.side)  # noqa: E731
     pl, ph = F.adaptive_avg_pool2d(x_l, br.pooled_size), F.adaptive_avg_pool2d(x_h, br.pooled_size)
-    q, k, v = grid(br.query(pl)), grid(br.key(torch.cat([pl, ph], dim=1))), grid(br.value(x_h))
-    z = dynamic_affinity(q, k, v, br.offset(k), num_points=br.num_points, impl="grid_sample")
+    order = (lambda x: x) if br.perm is None else (lambda x: x[:, br.perm])  # noqa: E731  grid cell g = channel perm[g]
+    q, k, v = (grid(order(t)) for t in (br.query(pl), br.key(torch.cat([pl, ph], dim=1)), br.value(x_h)))
+    z = dynamic_affinity(q, k, v, br.offset(k), num_points=br.num_points, out_of_map=br.out_of_map, impl="grid_sample")
     z = z.reshape(B, h * w, br.side ** 2).transpose(1, 2).reshape(B, -1, h, w)
-    return F.interpolate(br.proj(z), size=(H, W), mode="bilinear", align_corners=False)
+    if br.perm is not None:
+        z = z[:, torch.argsort(br.perm)]
+    return F.interpolate(br.proj(z), size=(H, W), mode="bilinear", align_corners=br.align_corners)
 
 
 @pytest.mark.parametrize("make, reference", [
     (lambda: SpatialBranch(8, num_points=9, pos_embed="learned", offset_range=2.0), _spatial_as_drawn),
     (lambda: SpatialBranch(8, num_points=4, pos_embed="sine"), _spatial_as_drawn),
     (lambda: ChannelBranch(12, num_points=9, pooled_size=2), _channel_as_drawn),
+    (lambda: SpatialBranch(8, num_points=9, out_of_map="zero", grid_dilation=2, align_corners=False), _spatial_as_drawn),
+    (lambda: ChannelBranch(16, num_points=9, pooled_size=2, out_of_map="zero", channel_order="permuted"),
+     _channel_as_drawn),
 ])
 def test_branches_equal_the_figure_written_literally(make, reference):
     torch.manual_seed(4)

@@ -127,7 +127,7 @@ def test_count_flops_restores_train_flags_and_keeps_weights():
 # ----------------------------------------------------------------------------- DDSM branches
 
 
-def affinity_flops(B: int, H: int, W: int, N: int, C: int, Cv: int) -> int:
+def affinity_flops(B: int, H: int, W: int, N: int, C: int, Cv: int, *, masked: bool = True) -> int:
     """dynamic_affinity (gather path, as ddsm/models/sampling.py computes it) for a (B, C, H, W) query,
     C-channel keys and Cv-channel values; update together with sampling.py.
 
@@ -135,18 +135,23 @@ def affinity_flops(B: int, H: int, W: int, N: int, C: int, Cv: int) -> int:
     weighted value gather 8Cv, plus 42 for the rest: position + offset 2; corners: floor 2, fraction 2,
     in-map comparisons 8, 1 - fraction 2, factors x inside 4, corner weights 4; affinity: weight x dot 4,
     sum over corners 4, scale 1, softmax 5, attention x weight 4.
+    Masked (out_of_map="mask") replaces the softmax's 5 by 14: mass (sum of corner weights) 4, its clamp 1,
+    dot / mass 1, mass <= 0 1, max 1, logit - max 1, exp 1, mass x exp 1, sum 1, exp / sum 1, mass x ratio 1;
+    plus 1 per location (clamp of the sum).
     Per image location: centre + base grid 2N. Constants: base grid k = sqrt(N); map size - 1: 2.
     """
     P = B * H * W
-    return math.isqrt(N) + 2 + 2 * N * H * W + 42 * P * N + 8 * P * N * (C + Cv)
+    rest = 42 * P * N + (9 * P * N + P if masked else 0)
+    return math.isqrt(N) + 2 + 2 * N * H * W + rest + 8 * P * N * (C + Cv)
 
 
 def test_dynamic_affinity_flops_match_formula():
     B, C, Cv, H, W, N = 2, 6, 5, 7, 9, 9
     args = (torch.randn(B, C, H, W), torch.randn(B, C, 4, 5), torch.randn(B, Cv, 4, 5), torch.randn(B, 2 * N, H, W))
-    report = count_flops(Fn(lambda *a: dynamic_affinity(*a, num_points=N)), args)
-    assert report.total_flops == affinity_flops(B, H, W, N, C, Cv)
-    assert report.uncounted_ops == []
+    for out_of_map in ("mask", "zero"):
+        report = count_flops(Fn(lambda *a: dynamic_affinity(*a, num_points=N, out_of_map=out_of_map)), args)
+        assert report.total_flops == affinity_flops(B, H, W, N, C, Cv, masked=out_of_map == "mask")
+        assert report.uncounted_ops == []
 
 
 def test_ddsm_spatial_branch_flops_match_formula():
