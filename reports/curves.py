@@ -85,6 +85,6 @@ def plot_learning_curves(df: pd.DataFrame, histories: pd.DataFrame, *, path: Pat
         for h, lab in zip(*ax.get_legend_handles_labels()):
             if lab not in labels:
                 handles.append(h), labels.append(lab)
-    fig.legend(handles, labels, loc="outside lower center", fontsize=7, ncols=min(len(labels), 4),
-               title="mean ± std over seeds (band); dotted: min / max", title_fontsize=7)
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7,
+               title="line: mean over seeds\nband: ± one std\ndotted: min / max", title_fontsize=7)
     return _save(fig, path, footer)

@@ -201,7 +201,7 @@ def plot_class_bf(table: Table, *, classes: list[str], path: Path, footer: str =
     ax.set_ylim(bottom=0)  # a score in [0, 100]: the std whiskers below 0 are cut
     ax.set(ylabel=f"{metric_label(bf)} (%)", title=f"Boundary F of the thin classes ({metric_label(bf)})")
     ax.grid(axis="y", alpha=0.3)
-    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", fontsize=7, ncols=min(v, 3))
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7)
     return _save(fig, path, footer)
 
 
