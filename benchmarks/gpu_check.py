@@ -347,6 +347,7 @@ baselines: [{{name: ddsm, overrides: {{}}}}]
 seeds: [0]
 resources: {{cpus: {cpus}, gpus: {gpus}, num_workers: 1, ddp: true}}
 max_failures: 0
+cost: {{enabled: false}}  # this section checks DDP; the profile section checks the cost protocol
 """
 
 
