@@ -583,7 +583,7 @@ def load_figure_inputs(tracking_uri: str | None, frame: pd.DataFrame, *, dest: s
             attempts = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
             history = pd.DataFrame([p for p in points if p[1] == "loss"], columns=HISTORY_COLUMNS)
             resumes += [(run_id, s) for s in resume_steps(history, attempts)]
-        if "views" in names:
+        if "views" in names and "views/index.json" in {f.path for f in client.list_artifacts(run_id, "views")}:
             views[run_id] = Path(client.download_artifacts(run_id, "views", str(Path(dest) / run_id)))
         if not settings and parent_id:
             try:

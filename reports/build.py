@@ -161,7 +161,8 @@ def _more_figures(out: Path, df: pd.DataFrame, main: tables.Table, class_bf: tab
             made[f"figures/{path.name}"] = (path, caption)
 
     chosen = curves.chosen_runs(df).merge(finished_values(df, ["miou"]), on=["variant", "seed"], how="left")
-    folders = panels.choose_runs(chosen, inputs.views, panel_seed=inputs.settings.get("panel_seed"), order=order)
+    views = {r: p for r, p in inputs.views.items() if (p / "index.json").is_file()}  # a failed save: views/error.txt
+    folders = panels.choose_runs(chosen, views, panel_seed=inputs.settings.get("panel_seed"), order=order)
     folders = {v: inputs.views[r] for v, r in folders.items()}
     if class_bf is not None:
         thin = _thin_classes(df, folders)
