@@ -572,9 +572,10 @@ def load_figure_inputs(tracking_uri: str | None, frame: pd.DataFrame, *, dest: s
     client = MlflowClient(tracking_uri=reader_uri(tracking_uri))
     rows, resumes, views, settings = [], [], {}, {}
     finished = frame.loc[frame["status"].eq("FINISHED"), ["run_id", "parent_run_id"]].drop_duplicates("run_id")
+    logged = frame.groupby("run_id")["metric"].agg(lambda m: set(m.dropna()))  # final metrics: no get_run per run
     for run_id, parent_id in finished.itertuples(index=False):
-        run = client.get_run(run_id)
-        keys = [k for k in run.data.metrics if k in HISTORY_METRICS] + bf_metrics(run.data.metrics)
+        names_logged = logged.get(run_id, set())
+        keys = [k for k in HISTORY_METRICS if k in names_logged] + bf_metrics(names_logged)
         points = [(run_id, k, m.step, m.value, m.timestamp) for k in keys for m in client.get_metric_history(run_id, k)]
         rows += points
         names = {f.path for f in client.list_artifacts(run_id)}
