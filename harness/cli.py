@@ -19,10 +19,10 @@ from harness.driver import TrackingLost
 from ddsm.config import ConfigError
 from harness import exit_codes
 from harness.secrets import redact
-from harness import cmd_evaluate, cmd_models, cmd_profile, cmd_report, cmd_run, cmd_train, cmd_tune
+from harness import cmd_evaluate, cmd_figures, cmd_models, cmd_profile, cmd_report, cmd_run, cmd_train, cmd_tune
 
 # Order here is the order in `ddsm-bench --help`.
-COMMANDS = (cmd_models, cmd_train, cmd_evaluate, cmd_profile, cmd_run, cmd_tune, cmd_report)
+COMMANDS = (cmd_models, cmd_train, cmd_evaluate, cmd_profile, cmd_run, cmd_tune, cmd_report, cmd_figures)
 
 
 class UsageError(ConfigError):

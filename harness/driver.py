@@ -61,6 +61,7 @@ class TrialPayload:
     fail_once: str | None = None  # test hook "<class>:<dir>", see harness.worker
     mode: str = "train"  # train (resume or start) | evaluate (score the final checkpoint again, train nothing)
     eval_hash: str = ""  # how it is scored (harness.cells.eval_hash); result.json records it
+    figures: dict | None = None  # ddsm.viz.ViewSettings as a dict: views saved at the end (None: none)
 
 
 @dataclass(frozen=True)

@@ -198,7 +198,8 @@ class GridPolicy(Policy):
         r.status, r.started, r.step, r.node_id = status, time.time(), 0, ""
         payload = TrialPayload(key=r.cell.hash, cell_hash=r.cell.hash, name=r.cell.name, config=to_dict(r.cell.config),
                                cell_dir=str(self.cell_dir(r.cell)), attempt=r.evaluations if evaluating else r.launches,
-                               fail_once=self.fail_once, mode=r.mode, eval_hash=r.cell.eval_hash)
+                               fail_once=self.fail_once, mode=r.mode, eval_hash=r.cell.eval_hash,
+                               figures=self.spec.figures or None)
         return Job(payload=payload, owner=r)
 
     def on_event(self, job: Job, event: Event, *, final: bool) -> bool:
@@ -384,7 +385,8 @@ def run_grid(spec: GridSpec | str | Path, *, out_dir: str | Path, address: str |
                 parent = recorder.start_parent(
                     key=grid_hash([c.hash for c in cells]), name=spec.name,
                     tags={Tag.SPEC: spec.source, Tag.GIT_SHA: sha, Tag.SMOKE: spec.mode.smoke,
-                          Tag.BASELINE: spec.baseline, Tag.DESCRIPTION: spec.description},
+                          Tag.BASELINE: spec.baseline, Tag.DESCRIPTION: spec.description,
+                          Tag.FIGURES: json.dumps(spec.figures)},
                     params={"cells": len(cells), "seeds": spec.seeds, "max_failures": spec.max_failures,
                             "retry_on": spec.retry_on,
                             **{f"resources.{k}": v for k, v in dataclasses.asdict(res).items()}})

@@ -84,6 +84,7 @@ class Tag:
     CONFIRM_SPLIT = "confirm_split"  # study parent: the split best.yaml reports
     SPLIT_LEAK = "split_leak"  # study parent: true when the study tuned on the split it reports (explicit flag)
     DESCRIPTION = "description"  # parent: the spec's description
+    FIGURES = "figures"  # parent: the spec's figures block (JSON, ddsm.viz.ViewSettings)
     SEED = "seed"
     VARIANT = "variant"  # the cell without its seed
     REFERENCE = "reference"  # the reference-baseline variant a cell is compared with
@@ -534,11 +535,35 @@ def driver_gone(parent: Any, *, now: float | None = None) -> bool:
 
 
 def _per_class_artifact(client: Any, run: Any) -> dict[str, float]:
-    """``iou_<class>`` from ``per_class_iou.csv`` when the run logged no ``iou_*`` metric and finished."""
-    if run.info.status != "FINISHED" or any(k.startswith("iou_") for k in run.data.metrics):
+    """``iou_<class>`` from ``per_class_iou.csv`` when the run logged no ``iou_*`` metric, and the per-class
+    boundary F ``bf_<r>px/<class>`` from ``metrics.json`` (its ``bf_per_class``), of a finished run."""
+    if run.info.status != "FINISHED":
         return {}
-    if "per_class_iou.csv" not in {f.path for f in client.list_artifacts(run.info.run_id)}:
-        return {}
+    names = {f.path for f in client.list_artifacts(run.info.run_id)}
+    out = _per_class_bf(client, run) if "metrics.json" in names else {}
+    if any(k.startswith("iou_") for k in run.data.metrics) or "per_class_iou.csv" not in names:
+        return out
+    return {**out, **_per_class_iou(client, run)}
+
+
+def _per_class_bf(client: Any, run: Any) -> dict[str, float]:
+    """``bf_<r>px/<class>`` from ``metrics.json``: ``bf_per_class`` {radius: K scores} and ``class_names``."""
+    from ddsm.metrics.catalogue import bf_key, class_bf_key
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = json.loads(Path(client.download_artifacts(run.info.run_id, "metrics.json", tmp)).read_text())
+    names = data.get("class_names") or []
+    out = {}
+    for radius, scores in (data.get("bf_per_class") or {}).items():
+        r = float(radius)
+        bf = bf_key(r, radius=int(r)) if r.is_integer() else bf_key(r)
+        for cls, v in zip(names, scores):
+            out[class_bf_key(bf, cls)] = float("nan") if v is None else float(v)
+    return out
+
+
+def _per_class_iou(client: Any, run: Any) -> dict[str, float]:
+    """``iou_<class>`` from ``per_class_iou.csv``."""
     with tempfile.TemporaryDirectory() as tmp:
         path = client.download_artifacts(run.info.run_id, "per_class_iou.csv", tmp)
         with open(path, newline="") as fh:
@@ -634,10 +659,47 @@ def _gpus(tags: dict[str, str]) -> list[str]:
     return [f"{hosts[0]}:{g}" + (f" ({u})" if u else "") for g, u in itertools.zip_longest(ids, uuids) if g]
 
 
+HISTORY_METRICS = ("loss", "miou")  # plus every bf_* : the learning curves (reports.curves)
+
+
+def load_figure_inputs(tracking_uri: str | None, frame: pd.DataFrame, *, dest: str | Path) -> Any:
+    """The learning-curve histories, resume steps and ``views/`` folders of the finished runs in ``frame``
+    (downloaded under ``dest``), and the grid's ``figures`` settings: a :class:`reports.inputs.FigureInputs`."""
+    from ddsm.metrics.catalogue import bf_metrics
+    from reports.inputs import HISTORY_COLUMNS, FigureInputs, resume_steps
+
+    client = MlflowClient(tracking_uri=reader_uri(tracking_uri))
+    rows, resumes, views, settings = [], [], {}, {}
+    finished = frame.loc[frame["status"].eq("FINISHED"), ["run_id", "parent_run_id"]].drop_duplicates("run_id")
+    logged = frame.groupby("run_id")["metric"].agg(lambda m: set(m.dropna()))  # final metrics: no get_run per run
+    for run_id, parent_id in finished.itertuples(index=False):
+        names_logged = logged.get(run_id, set())
+        keys = [k for k in HISTORY_METRICS if k in names_logged] + bf_metrics(names_logged)
+        points = [(run_id, k, m.step, m.value, m.timestamp) for k in keys for m in client.get_metric_history(run_id, k)]
+        rows += points
+        names = {f.path for f in client.list_artifacts(run_id)}
+        if "attempts.jsonl" in names:
+            path = client.download_artifacts(run_id, "attempts.jsonl", str(dest))
+            attempts = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+            history = pd.DataFrame([p for p in points if p[1] == "loss"], columns=HISTORY_COLUMNS)
+            resumes += [(run_id, s) for s in resume_steps(history, attempts)]
+        if "views" in names and "views/index.json" in {f.path for f in client.list_artifacts(run_id, "views")}:
+            views[run_id] = Path(client.download_artifacts(run_id, "views", str(Path(dest) / run_id)))
+        if not settings and parent_id:
+            try:
+                settings = json.loads(client.get_run(parent_id).data.tags.get(Tag.FIGURES) or "{}")
+            except MlflowException:
+                settings = {}
+    return FigureInputs(histories=pd.DataFrame(rows, columns=HISTORY_COLUMNS),
+                        resumes=pd.DataFrame(resumes, columns=["run_id", "step"]), views=views, settings=settings)
+
+
 def write_report_from_mlflow(tracking_uri: str | None, *, experiment: str | None = None,
                              parent_run_id: str | None = None, out_dir: str | Path, baseline: str | None = None,
                              method: str = "ttest", alpha: float = 0.05) -> dict[str, Path]:
-    """Load a grid from MLflow and write its report (:func:`reports.build.write_report`).
+    """Load a grid from MLflow and write its report (:func:`reports.build.write_report`), figures included
+    (learning curves from the metric histories, panels and sampling figures from the cells' ``views/``
+    artifacts: nothing but the store is read).
 
     ``ddsm-bench run`` calls this at the end of every grid; ``ddsm-bench report`` is the same from the CLI.
     Returns ``{relative path: path}`` of every written file (``report.md`` among them).
@@ -645,5 +707,7 @@ def write_report_from_mlflow(tracking_uri: str | None, *, experiment: str | None
     from reports.build import write_report
 
     grid = load_runs(tracking_uri, experiment=experiment, parent_run_id=parent_run_id)
-    return write_report(grid.frame, out_dir, baseline=baseline, provenance=grid.provenance, method=method,
-                        alpha=alpha, expected=grid.expected)
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = load_figure_inputs(tracking_uri, grid.frame, dest=tmp)
+        return write_report(grid.frame, out_dir, baseline=baseline, provenance=grid.provenance, method=method,
+                            alpha=alpha, expected=grid.expected, figure_inputs=inputs)

@@ -50,7 +50,7 @@ SMOKE_OVERRIDES: dict[str, Any] = {
 }
 
 SPEC_KEYS = ("name", "description", "baseline", "base", "baselines", "axes", "cells", "seeds", "resources",
-             "max_failures", "retry_on", "tracking_outage_s", "smoke", "cost")
+             "max_failures", "retry_on", "tracking_outage_s", "smoke", "cost", "figures")
 # nan is not retried by default: the same seed resumed from the same checkpoint diverges again.
 DEFAULT_RETRY_ON = ("oom", "error", "killed", "node_lost")
 DEFAULT_TRACKING_OUTAGE_S = 1800  # how long the tracking store may stay away mid-run before the driver stops
@@ -123,6 +123,7 @@ class GridSpec:
     source: str = "<dict>"
     mode: Mode = field(default_factory=Mode)
     cost: CostSettings = field(default_factory=CostSettings)  # the isolated cost phase (harness/cost.py)
+    figures: dict[str, Any] = field(default_factory=dict)  # ddsm.viz.ViewSettings: the report's panels
 
     @property
     def cost_settings(self) -> CostSettings:
@@ -276,10 +277,29 @@ def parse_spec(raw: Any, *, source: str = "<dict>", smoke: bool = False, check_p
         cost = settings_from(typed(raw, "cost", dict, {}, problems))
     except ConfigError as e:
         problems.append(str(e))
+    figures = _figures(typed(raw, "figures", dict, {}, problems), common.get("base", {}), problems)
     if problems:
         raise SpecError(source, problems)
     return GridSpec(baselines=baselines, baseline=reference, axes=axes, cells=cells, source=source,
-                    mode=Mode(smoke=smoke, check_paths=check_paths), cost=cost, **common)
+                    mode=Mode(smoke=smoke, check_paths=check_paths), cost=cost, figures=figures, **common)
+
+
+def _figures(raw: dict, base: dict, problems: list[str]) -> dict[str, Any]:
+    """The ``figures`` block (:class:`ddsm.viz.ViewSettings`) as a validated dict; its tolerance must be one
+    of the base's ``eval.tolerances`` (the per-class boundary F is computed only there)."""
+    from ddsm.viz.views import ViewSettings  # torch import: only once a spec is parsed
+
+    try:
+        view = ViewSettings.from_dict(raw)
+    except (ConfigError, TypeError) as e:
+        problems.append(str(e))
+        return {}
+    tolerances = (base.get("eval") or {}).get("tolerances") if isinstance(base.get("eval"), dict) else None
+    tolerances = tolerances if tolerances is not None else TrialConfig().eval.tolerances
+    if view.tolerance is not None and view.tolerance not in list(tolerances):
+        problems.append(f"figures.tolerance={view.tolerance!r} is not allowed: expected one of base eval.tolerances "
+                        f"{list(tolerances)}")
+    return view.to_dict()
 
 
 def parse_common(raw: dict, *, source: str, problems: list[str]) -> dict[str, Any]:

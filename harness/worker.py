@@ -36,7 +36,7 @@ from ddsm.engine.callbacks import Callback, scalar_metrics
 from harness.driver import RESULT_FILE, Event, TrialOutcome, TrialPayload, append_jsonl, write_json
 
 __all__ = ["CELL_ARTIFACTS", "FAIL_ONCE_ENV", "EventSink", "cell_artifacts", "placement_info", "root_cause",
-           "run_trial"]
+           "run_trial", "save_trial_views"]
 
 FAIL_ONCE_ENV = "DDSM_BENCH_FAIL_ONCE"
 # Uploaded with every trial's tracking run, where they exist (the checkpoint only on request).
@@ -46,11 +46,16 @@ OUTCOMES_FILE = "outcomes.jsonl"
 
 
 def cell_artifacts(cell_dir: str | Path, *, checkpoint: bool = False) -> list[tuple[Path, str | None]]:
-    """``(file, artifact folder)`` pairs of :data:`CELL_ARTIFACTS` (and ``checkpoints/last.pt``)."""
+    """``(file, artifact folder)`` pairs of :data:`CELL_ARTIFACTS`, every file of ``views/`` (the report's
+    panels and sampling figures, :mod:`ddsm.viz`) and ``checkpoints/last.pt`` on request."""
     d = Path(cell_dir)
     out: list[tuple[Path, str | None]] = [(d / f, None) for f in CELL_ARTIFACTS]
     if checkpoint:
         out.append((d / "checkpoints" / "last.pt", "checkpoints"))
+    from ddsm.viz.views import VIEWS_DIR
+
+    views = d / VIEWS_DIR
+    out += [(p, VIEWS_DIR) for p in sorted(views.iterdir()) if p.is_file()] if views.is_dir() else []
     return out
 
 
@@ -112,12 +117,31 @@ def run_trial(payload: TrialPayload, queue: Any | None, *, rank: int = 0, rerais
             raise
         return _failed(record)
     final = scalar_metrics(metrics)
+    if rank == 0 and payload.figures is not None:
+        save_trial_views(cfg, cell_dir, payload.figures)
     if rank == 0:
         write_json(cell_dir / RESULT_FILE, {"cell_hash": payload.cell_hash, "eval_hash": payload.eval_hash,
                                             "metrics": final})
     if sink is not None:
         sink.send("end", int(final.get("step", 0)), {}, info={"status": "finished", "failure_class": ""})
     return TrialOutcome(status="finished", metrics=final)
+
+
+def save_trial_views(cfg: Any, cell_dir: Path, settings: dict) -> None:
+    """The end-of-trial hook of the report's figures: predictions and DDSM sampling of the final
+    checkpoint in ``<cell>/views/`` (:func:`ddsm.viz.save_views`). Never fails the trial: an error is
+    printed to the trial's log and written to ``views/error.txt``."""
+    from ddsm.viz import VIEWS_DIR, ViewSettings, save_views_from_checkpoint
+
+    view = ViewSettings.from_dict(settings)
+    if not view.enabled:
+        return
+    try:
+        save_views_from_checkpoint(cell_dir, view, cfg=cfg)
+    except Exception as e:  # noqa: BLE001 - figures must not fail a trained cell
+        (cell_dir / VIEWS_DIR).mkdir(exist_ok=True)
+        (cell_dir / VIEWS_DIR / "error.txt").write_text(traceback.format_exc())
+        print(f"views not saved: {type(e).__name__}: {e}", flush=True)
 
 
 def placement_info(where: dict[str, Any]) -> dict[str, str]:

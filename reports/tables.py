@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ddsm.metrics.catalogue import is_accuracy, lookup
+from ddsm.metrics.catalogue import CLASS_BF_SEP, class_bf_metrics, is_accuracy, lookup, tolerance_of
 from reports.load import (bf_metrics, cell_status, class_metrics, finished_values, metric_names, runs_frame,
                           seed_counts, varying_fields)
 from reports.stats import TARGET_POINTS, method_note, paired_test, power_analysis, power_note
 
-__all__ = ["MAIN_METRICS", "Table", "axis_tables", "compare", "main_table", "per_class_tables", "power_table",
+__all__ = ["MAIN_METRICS", "Table", "axis_tables", "compare", "main_table", "per_class_bf_table", "per_class_tables", "power_table",
            "row_info", "seed_stats", "significance_table"]
 
 CELL_COLUMNS = ["variant", "metric", "mean", "std", "n", "delta", "tested", "n_pairs", "mean_diff", "p", "ci_low",
@@ -335,6 +335,26 @@ def per_class_tables(df: pd.DataFrame, *, reference: str, method: str = "ttest",
                    rows=rows.loc[[v for v in variants if v != reference]], fields=[], metrics=metrics,
                    cells=cells, reference=reference, show=("delta",), notes=[method_note(method, alpha)])
     return [means, deltas]
+
+
+def per_class_bf_table(df: pd.DataFrame, *, reference: str, bf: str | None = None, method: str = "ttest",
+                       alpha: float = 0.05, status: pd.DataFrame | None = None) -> Table | None:
+    """Variants x classes: the boundary F of every class at tolerance ``bf`` (default: the smallest logged),
+    mean over the finished seeds with the delta vs ``reference``; None when no per-class boundary F was read."""
+    bfs = sorted({m.partition(CLASS_BF_SEP)[0] for m in class_bf_metrics(metric_names(df))}, key=tolerance_of)
+    bf = bf if bf is not None else (bfs[0] if bfs else None)
+    metrics = class_bf_metrics(metric_names(df), bf) if bf else []
+    if not metrics:
+        return None
+    rows = row_info(df, fields=[], status=status)
+    variants = _ordered(list(rows.index), reference)
+    cells = compare(finished_values(df, metrics), metrics=metrics, reference=reference, method=method,
+                    alpha=alpha, variants=variants)
+    label = lookup(bf).label
+    return Table(name="per_class_bf", title=f"Per-class boundary F ({label})", rows=rows.loc[variants], fields=[],
+                 metrics=metrics, cells=cells, reference=reference, show=("mean", "delta"),
+                 notes=[f"Mean {label} per class over the finished seeds (\u0394 vs {reference}); best per class "
+                        "in bold.", method_note(method, alpha)])
 
 
 def significance_table(df: pd.DataFrame, *, reference: str, metrics: list[str] | None = None,

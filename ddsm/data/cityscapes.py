@@ -19,13 +19,19 @@ import numpy as np
 from ddsm.data.base import DatasetError, PairedImageDataset, check_pairs
 from ddsm.data.transforms import IGNORE_INDEX, EvalTransform, TrainTransform
 
-__all__ = ["CLASS_NAMES", "ID_TO_TRAIN_ID", "LAYOUT", "SPLITS", "TEST_REFUSED", "CityscapesDataset", "check_split",
+__all__ = ["CLASS_NAMES", "ID_TO_TRAIN_ID", "LAYOUT", "PALETTE", "THIN_CLASSES", "SPLITS", "TEST_REFUSED", "CityscapesDataset", "check_split",
            "label_table", "resolve_root"]
 
 CLASS_NAMES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
 )
+# cityscapesscripts.helpers.labels colours (RGB) of the 19 train ids, in CLASS_NAMES order.
+PALETTE = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+           (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+           (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32))
+# Thin, boundary-dominated classes (the ones a DDSM paper argues about).
+THIN_CLASSES = ("pole", "traffic light", "traffic sign", "person", "rider", "bicycle")
 # labelId -> trainId for the 19 evaluated classes; all other ids 0..33 are ignored.
 ID_TO_TRAIN_ID = {
     7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,

@@ -33,10 +33,11 @@ import torch
 from ddsm.data.base import DatasetError, SegmentationDataset
 from ddsm.data.transforms import IGNORE_INDEX, EvalTransform, TrainTransform
 
-__all__ = ["NAMED_CLASSES", "SyntheticDataset", "class_names", "generate"]
+__all__ = ["NAMED_CLASSES", "THIN_CLASSES", "SyntheticDataset", "class_names", "generate", "palette"]
 
 SKY, BUILDING, ROAD, POLE, CAR, SIDEWALK, SIGN, LINE = range(8)
 NAMED_CLASSES = ("sky", "building", "road", "pole", "car", "sidewalk", "sign", "line")
+THIN_CLASSES = ("pole", "sign", "line")
 MIN_CLASSES, MAX_CLASSES = 2, 255
 MIN_SIZE = 16
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
@@ -58,6 +59,13 @@ _CLUTTER_NOISE = 35.0
 def class_names(num_classes: int) -> list[str]:
     """Names of the first ``num_classes`` classes: the 8 named ones, then ``object_8``, ``object_9``, ..."""
     return [NAMED_CLASSES[c] if c < len(NAMED_CLASSES) else f"object_{c}" for c in range(num_classes)]
+
+
+def palette(num_classes: int) -> list[tuple[int, int, int]]:
+    """Display colour (RGB) of every class: its base colour in the generated images (evenly spread hues
+    for the extra classes), so that a figure's colours match what the images show."""
+    table = _class_tables(num_classes)[0][:num_classes]  # (K, 3)
+    return [tuple(int(round(c)) for c in row) for row in table]
 
 
 class SyntheticDataset(SegmentationDataset):

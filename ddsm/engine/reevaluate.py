@@ -15,11 +15,24 @@ from typing import Any
 
 from ddsm.config import ConfigError, TrialConfig, from_dict, save_config, train_identity
 
-__all__ = ["TRAINING_KEYS", "reevaluate"]
+__all__ = ["TRAINING_KEYS", "reevaluate", "trained_model"]
 
 # Entries of metrics.json that the training measured (kept by a re-evaluation); everything else is the evaluation's.
 TRAINING_KEYS = ("step", "world_size", "train_time_s", "amp_dtype", "gflops", "gmacs", "params_m", "latency_ms",
                  "train_step_ms", "peak_mem_mb", "train_peak_mem_mb", "peak_mem_kind", "uncounted_ops", "cost_error")
+
+
+def trained_model(cfg: TrialConfig, state: dict[str, Any], *, device: Any) -> Any:
+    """The model of ``cfg.model`` with the weights ``state``, on ``device``, channels-last if the config says so."""
+    import torch
+
+    from ddsm.data import dataset_info
+    from ddsm.models import build_model_from_config
+
+    model = build_model_from_config(cfg.model, num_classes=dataset_info(cfg.data.name, cfg.data).num_classes)
+    model.load_state_dict(state)
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
 
 
 def reevaluate(cfg: TrialConfig, *, out_dir: str | Path) -> dict[str, Any]:
@@ -28,13 +41,9 @@ def reevaluate(cfg: TrialConfig, *, out_dir: str | Path) -> dict[str, Any]:
     Raises:
         ConfigError: no checkpoint, a checkpoint of another training, or one before the last step.
     """
-    import torch
-
-    from ddsm.data import dataset_info
     from ddsm.engine.checkpoint import find_resume
     from ddsm.engine.evaluate import evaluate
     from ddsm.engine.train import intra_op_threads, resolve_device, write_results
-    from ddsm.models import build_model_from_config
 
     cfg.validate()
     out_dir = Path(out_dir).resolve()
@@ -57,12 +66,7 @@ def reevaluate(cfg: TrialConfig, *, out_dir: str | Path) -> dict[str, Any]:
                           "(the training did not finish)")
     device = resolve_device(cfg.train.device)
     with intra_op_threads(cfg.train.threads):
-        model = build_model_from_config(cfg.model, num_classes=dataset_info(cfg.data.name, cfg.data).num_classes)
-        model.load_state_dict(ckpt["model"])
-        model = model.to(device)
-        if cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        metrics = evaluate(model, cfg, device=device)
+        metrics = evaluate(trained_model(cfg, ckpt["model"], device=device), cfg, device=device)
     previous_path = out_dir / "metrics.json"
     previous = json.loads(previous_path.read_text()) if previous_path.is_file() else {}
     metrics.update({k: previous[k] for k in TRAINING_KEYS if k in previous})

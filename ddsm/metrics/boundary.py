@@ -56,6 +56,11 @@ def seg2bmap(mask: LabelMap) -> np.ndarray:
     return _label_changes(_to_numpy(mask).astype(bool))
 
 
+def label_bmap(labels: LabelMap) -> np.ndarray:
+    """(H, W) bool map of the pixels where a label map changes class, with :func:`seg2bmap`'s convention."""
+    return _label_changes(_to_numpy(labels))
+
+
 def tolerance_to_px(tolerance: float, shape: tuple[int, int]) -> int:
     """Match radius in pixels: ``tolerance`` itself when >= 1, else ceil(tolerance * diagonal)."""
     if tolerance >= 1:

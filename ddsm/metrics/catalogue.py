@@ -17,8 +17,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["ACCURACY", "CATALOGUE", "COST", "DIAGNOSTIC_PREFIX", "MetricInfo", "TIMED", "bf_key", "bf_metrics",
-           "class_metrics", "diagnostic", "is_accuracy", "is_cost", "lookup", "metric_names", "tolerance_of"]
+__all__ = ["ACCURACY", "CATALOGUE", "CLASS_BF_SEP", "COST", "DIAGNOSTIC_PREFIX", "MetricInfo", "TIMED", "bf_key",
+           "bf_metrics", "class_bf_key", "class_bf_metrics", "class_metrics", "diagnostic", "is_accuracy", "is_cost",
+           "is_per_class", "lookup", "metric_names", "tolerance_of"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ CATALOGUE: dict[str, MetricInfo] = {m.name: m for m in (*ACCURACY, *COST)}
 TIMED = ("latency_ms", "train_step_ms", "peak_mem_mb", "train_peak_mem_mb")
 DIAGNOSTIC_PREFIX = "trial_"
 
+CLASS_BF_SEP = "/"  # bf_2px/pole: the boundary F of class pole at 2 px (read from metrics.json's bf_per_class)
 _BF = re.compile(r"^bf_(?P<tol>\d+(?:\.\d+)?)(?P<px>px)?$")
 
 
@@ -92,6 +94,9 @@ def lookup(metric: str) -> MetricInfo | None:
         return _acc(metric, f"BF@{tol:g}px" if metric.endswith("px") else f"BF@{tol:g}")
     if metric.startswith("iou_") and len(metric) > 4:
         return _acc(metric, metric[4:])
+    bf, _, cls = metric.partition(CLASS_BF_SEP)
+    if cls and tolerance_of(bf) is not None:
+        return _acc(metric, cls)
     return None
 
 
@@ -115,6 +120,26 @@ def is_cost(metric: str) -> bool:
 def bf_metrics(names: Iterable[str]) -> list[str]:
     """The boundary-F metrics among ``names``, by increasing tolerance."""
     return sorted((n for n in names if tolerance_of(n) is not None), key=tolerance_of)
+
+
+def class_bf_key(bf: str, class_name: str) -> str:
+    """The per-class boundary F of one class at one tolerance: ``bf_2px`` + ``pole`` -> ``bf_2px/pole``."""
+    return f"{bf}{CLASS_BF_SEP}{class_name}"
+
+
+def class_bf_metrics(names: Iterable[str], bf: str | None = None) -> list[str]:
+    """The per-class boundary-F metrics (``bf_<r>px/<class>``) among ``names``, of tolerance ``bf`` if given."""
+    out = []
+    for n in names:
+        head, _, cls = n.partition(CLASS_BF_SEP)
+        if cls and tolerance_of(head) is not None and (bf is None or head == bf):
+            out.append(n)
+    return out
+
+
+def is_per_class(metric: str) -> bool:
+    """A per-class metric (``iou_<class>`` or ``bf_<r>px/<class>``), kept out of the all-metrics table."""
+    return bool(class_metrics([metric]) or class_bf_metrics([metric]))
 
 
 def class_metrics(names: Iterable[str]) -> list[str]:

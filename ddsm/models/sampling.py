@@ -48,14 +48,40 @@ both on the GPU it runs on and says which to set when the gather path loses ther
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
 IMPLS = ("gather", "grid_sample")
+_RECORDERS: list[list[dict[str, torch.Tensor]]] = []  # open record_positions() blocks, innermost last
+
+
+@contextlib.contextmanager
+def record_positions() -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Collect what every :func:`dynamic_affinity` call inside the block sampled, in call order.
+
+    Each entry: ``positions`` (B, N, H, W, 2) the absolute (y, x) pixel positions the op read on its
+    key/value map, ``offsets`` (B, N, H, W, 2) the learned part of them, and ``map_size`` (Hk, Wk).
+    Detached copies (the figures of :mod:`ddsm.viz` read them); only the innermost block records.
+    """
+    calls: list[dict[str, torch.Tensor]] = []
+    _RECORDERS.append(calls)
+    try:
+        yield calls
+    finally:
+        _RECORDERS.remove(calls)
+
+
+def _record(pos: torch.Tensor, offsets: torch.Tensor, map_size: tuple[int, int]) -> None:
+    """pos (B, N, H, W, 2) and offsets (B, 2N, H, W) -> the innermost :func:`record_positions` list."""
+    B, N, H, W, _ = pos.shape
+    off = offsets.detach().view(B, N, 2, H, W).permute(0, 1, 3, 4, 2)  # (B, N, H, W, 2)
+    _RECORDERS[-1].append({"positions": pos.detach().clone(), "offsets": off.clone(), "map_size": map_size})
 OUT_OF_MAP = ("mask", "zero")  # what a point outside the map contributes (module docstring); mask is the default
 # The implementation per device type when none is given (measured on CPU; on CUDA by benchmarks/gpu_check.py).
 DEFAULT_IMPLS: dict[str, str] = {"cpu": "gather", "cuda": "gather"}
@@ -397,14 +423,18 @@ def dynamic_affinity(
     N = num_points
     s = scale if scale is not None else C ** -0.5
     offsets = offsets.to(torch.promote_types(offsets.dtype, torch.float32))
+    Hk, Wk = key.shape[-2:]
     if impl == "grid_sample":
         pos = sample_positions(offsets, N, dilation=dilation)  # (B, N, H, W, 2)
+        if _RECORDERS:
+            _record(pos, offsets, (Hk, Wk))
         return _affinity_grid_sample(query, key, value, pos, scale=s, masked=masked)
     dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
-    Hk, Wk = key.shape[-2:]
     grid = _grid_positions(H, W, N, dilation=dilation, device=offsets.device, dtype=offsets.dtype)  # (H, W, N, 2)
     grid = grid.permute(3, 2, 0, 1).reshape(2, N, H * W)  # (2, N, L)
     pos = (offsets.contiguous().view(B, N, 2, H * W).transpose(1, 2) + grid).contiguous()  # (B, 2, N, L)
+    if _RECORDERS:
+        _record(pos.view(B, 2, N, H, W).permute(0, 2, 3, 4, 1), offsets, (Hk, Wk))  # as (B, N, H, W, 2)
     out = SampledAffinity.apply(_rows(query.to(dtype)), _rows(key.to(dtype)), _rows(value.to(dtype)), pos,
                                 Hk, Wk, s, masked)  # (B*L, Cv)
     return out.view(B, H, W, -1).permute(0, 3, 1, 2)  # (B, Cv, H, W)

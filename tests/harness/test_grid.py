@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from mlflow import MlflowClient
 from harness.cells import expand
 from harness.cli import main
 from harness.grid import run_grid
+from harness.mlflow_io import write_report_from_mlflow
 from harness.spec import load_spec
 from harness.worker import FAIL_ONCE_ENV
 
@@ -74,6 +76,12 @@ def test_quickstart_smoke_end_to_end_then_rerun_skips_everything(ray_address: st
     assert "Accuracy metrics from: val" in report and "Statistical power vs fpn" in report
     fpn_row = next(line for line in report.splitlines() if line.startswith("| fpn | fpn |"))
     assert fpn_row.split(" | ")[2] == "\u2014"  # fpn does not read model.branches: no "dual" there
+    # issue 16: every figure, linked with a caption; views saved per cell and uploaded
+    figs = {p.name for p in (out / "report" / "figures").glob("*.png")}
+    assert {"learning_curves.png", "per_class_bf_thin.png", "panel_val_0000.png", "offset_hist.png",
+            "sampling_ddsm_branches_dual.png", "miou_vs_gflops.png"} <= figs, figs
+    assert all(f"(figures/{f})\n\n*" in report for f in figs)
+    assert "views/pred_val_0000.png" in {a.path for a in client.list_artifacts(run.info.run_id, "views")}
     again = run_grid(spec, out_dir=out, smoke=True, console=quiet)
     assert again.exit_code == 0 and {r.status for r in again.results} == {"skipped"}
     assert len(mlflow_runs(out, "quickstart-smoke", "cell")) == 10
@@ -96,6 +104,11 @@ def test_quickstart_smoke_end_to_end_then_rerun_skips_everything(ray_address: st
     assert {c.data.tags["eval_hash"] for c in children} == {r.cell.eval_hash for r in scored.results}
     rescored = (out / "report" / "report.md").read_text()
     assert "BF@3px" in rescored and "BF@2px" not in rescored
+
+    # the report re-created from MLflow alone: no cell folder, no model
+    shutil.rmtree(out / "cells")
+    again_figs = write_report_from_mlflow(str(out), experiment="quickstart-smoke", out_dir=tmp_path / "again")
+    assert {p.name for rel, p in again_figs.items() if rel.startswith("figures/")} == figs
 
 
 # ----------------------------------------------------------------------------- retries and failure classes

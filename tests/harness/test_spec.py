@@ -121,3 +121,18 @@ def test_a_yaml_error_names_its_line_and_column(tmp_path: Path, capsys):
     config.write_text("train:\n  steps: 4\n\tlr: 0.1\n")  # a tab on line 3
     with pytest.raises(ConfigError, match=r"not valid YAML: line 3, column 1: .*'\\t'"):
         load_config(config)
+
+
+def test_figures_block_validated_before_launch(tiny_base):
+    """issue 16: the spec's figures block (ddsm.viz.ViewSettings), every problem named before anything runs."""
+    raw = {"name": "f", "base": tiny_base, "baselines": [{"name": "fpn"}]}
+    spec = parse_spec({**raw, "figures": {"images": 3, "pool": 6, "tolerance": 2, "panel_seed": 0}})
+    assert spec.figures["images"] == 3 and spec.figures["panel_seed"] == 0 and spec.figures["enabled"] is True
+    assert parse_spec(raw).figures["pool"] == 8  # defaults
+    with pytest.raises(SpecError) as e:
+        parse_spec({**raw, "figures": {"tolerance": 5, "imgs": 1}})
+    assert "figures.imgs is not a known option" in str(e.value)
+    with pytest.raises(SpecError, match=r"figures.tolerance=5 is not allowed: expected one of base eval.tolerances"):
+        parse_spec({**raw, "figures": {"tolerance": 5}})
+    with pytest.raises(SpecError, match="figures.pool=1 is not allowed"):
+        parse_spec({**raw, "figures": {"pool": 1}})
