@@ -69,8 +69,8 @@ def scale_spec(cells: int, *, steps: int = 1, resources: dict[str, Any] | None =
     return {
         "name": f"scale{cells}",
         "base": {"model": {"name": "fpn", "backbone": "resnet18", "decoder_dim": 32},
-                 "data": {"name": "synthetic", "image_size": [32, 32], "crop_size": [32, 32], "num_images": 2,
-                          "batch_size": 2},  # a batch no larger than the data (validated before launch)
+                 "data": {"name": "synthetic", "image_size": [32, 32], "crop_size": [32, 32], "num_images": 4,
+                          "batch_size": 2},  # a global batch (2 DDP workers: 4) no larger than the data (validated)
                  "train": {"steps": steps, "device": "cpu", "log_every": 1}},
         "baselines": [{"name": "fpn", "axes": {"train.lr": [round(0.001 + 1e-5 * i, 6)
                                                             for i in range(cells // n_seeds)]}}],

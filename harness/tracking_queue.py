@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.driver import TrackingLost
+from harness.secrets import redact
 
 __all__ = ["HEARTBEAT_S", "JOURNAL_FILE", "LOST", "REFUSED", "RETRY", "QueuedRecorder", "TrackingLost"]
 
@@ -160,7 +161,8 @@ class QueuedRecorder:
         """Why tracking cannot go on (the driver then stops cleanly), else None."""
         with self._cv:
             if self._lost is None and len(self._ops) > self.max_pending:
-                self._lost = (f"more than {self.max_pending} tracking writes are waiting for {self.tracking_uri}")
+                self._lost = (f"more than {self.max_pending} tracking writes are waiting for "
+                              f"{redact(self.tracking_uri)}")
             return self._lost
 
     def pending(self) -> int:
@@ -262,11 +264,11 @@ class QueuedRecorder:
                 now = time.monotonic()
                 if self._down_since is None:
                     self._down_since = now
-                    self.notify(f"tracking store {self.tracking_uri} unreachable ({why}): buffering, the grid goes "
-                                f"on; stopping if it stays away {self.outage_s:.0f} s")
+                    self.notify(f"tracking store {redact(self.tracking_uri)} unreachable ({why}): buffering, "
+                                f"the grid goes on; stopping if it stays away {self.outage_s:.0f} s")
                 if kind == LOST or now - self._down_since > self.outage_s:
                     with self._cv:
-                        self._lost = (f"tracking store {self.tracking_uri} "
+                        self._lost = (f"tracking store {redact(self.tracking_uri)} "
                                       + (f"unusable: {why}" if kind == LOST else
                                          f"unreachable for {now - self._down_since:.0f} s: {why}"))
                         self._cv.notify_all()
@@ -309,7 +311,7 @@ class QueuedRecorder:
             return
         if not left and not self._ids and not self.journal.is_file():
             return
-        data = {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id, "ids": self._ids,
+        data = {"tracking_uri": redact(self.tracking_uri), "experiment_id": self.experiment_id, "ids": self._ids,
                 "ops": [{"method": op.method, "kwargs": op.kwargs, "binds": op.binds} for op in left
                         if op.method not in ("cell_runs", "final_metrics")]}
         tmp = self.journal.with_name(self.journal.name + ".tmp")
@@ -326,7 +328,7 @@ class QueuedRecorder:
             self.notify(f"tracking journal {self.journal} is unreadable: moved aside to {self.journal.name}.bad")
             self.journal.replace(self.journal.with_name(self.journal.name + ".bad"))
             return
-        if data.get("tracking_uri") != self.tracking_uri or data.get("experiment_id") != self.experiment_id:
+        if data.get("tracking_uri") != redact(self.tracking_uri) or data.get("experiment_id") != self.experiment_id:
             if data.get("ops"):
                 self.notify(f"tracking journal {self.journal} belongs to {data.get('tracking_uri')} (experiment "
                             f"{data.get('experiment_id')}): not replayed here; re-run with that --tracking-uri")
