@@ -108,7 +108,6 @@ class Tag:
     OPTUNA_PARAMS = "optuna_params"
     REQUEUED_FROM = "requeued_from"
     PRUNED_AT_STEP = "pruned_at_step"
-    NODE_ID = "node_id"  # the Ray node of the latest attempt
     RESUMED_FROM = "resumed_from"  # the checkpoint the latest attempt resumed from ("<path> (step N)")
     CHECKPOINT_DAMAGED = "checkpoint_damaged"  # checkpoints set aside as damaged before that resume
     DRIVER = "driver"  # parent: "<host>:<pid>" of the driver running it (harness.tracking_queue)

@@ -73,7 +73,7 @@ def test_node_loss_mid_trial_retries_on_another_node_from_the_checkpoint(tmp_pat
     (child,) = _children(out, "nodeloss")
     tags = child.data.tags
     assert child.info.status == "FINISHED" and (tags["failures"], tags["attempts"]) == ("node_lost", "2"), tags
-    assert "step_" in tags["resumed_from"] and tags["node_id"] == two["node_id"]  # resumed from its checkpoint
+    assert "step_" in tags["resumed_from"] and tags["ray_node_id"] == two["node_id"]  # resumed from its checkpoint
     print(f"\nnode loss: trial on node {first['node_id'][:12]} (removed at step >= 8), attempt 1 "
           f"{lost['failure_class']} ({lost['error'][:90]}...), attempt 2 on node {two['node_id'][:12]} "
           f"resumed from {tags['resumed_from']}, "
