@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.driver import Event, TrialOutcome, TrialPayload, write_json
+from harness.driver import GRACE_S, Event, StopFlag, TrialOutcome, TrialPayload, drive, write_json
 
 Step = Event | TrialOutcome | str  # "result": write result.json of the outcome that follows
 
@@ -276,6 +276,19 @@ class NoConsole:
 
     def refresh(self) -> None:
         """Nothing to redraw."""
+
+
+def drive_grid(grid: tuple[Any, list], out: Path, recorder: MemoryRecorder, launcher: FakeLauncher, *,
+               stop: StopFlag | None = None, limit: int = 2, grace_s: float = GRACE_S) -> tuple[Any, StopFlag, bool]:
+    """Drive a ``(spec, cells)`` grid's GridPolicy on the fake launcher; return (policy, stop flag, interrupted)."""
+    from harness.grid import GridPolicy
+
+    spec, cells = grid
+    parent = recorder.start_parent(key="grid", name="g", tags={}, params={})
+    policy = GridPolicy(spec=spec, cells=cells, out=out, recorder=recorder, parent=parent, sha="sha")
+    stop = stop if stop is not None else StopFlag()
+    interrupted = drive(policy, launcher, recorder, NoConsole(), limit=limit, stop=stop, grace_s=grace_s)
+    return policy, stop, interrupted
 
 
 def wait_for(what: Callable[[], bool], *, proc: Any, timeout: float, log: Path) -> None:

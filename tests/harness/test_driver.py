@@ -27,7 +27,7 @@ from harness.optuna_study import StudyBook, open_study
 from harness.spec import parse_spec
 from harness.study import StudyPolicy
 from harness.tune_spec import parse_tune_spec
-from tests.harness.fakes import FakeLauncher, MemoryRecorder, NoConsole, default_script, failing_script
+from tests.harness.fakes import FakeLauncher, MemoryRecorder, default_script, drive_grid, failing_script
 
 
 class Interrupter:
@@ -59,11 +59,7 @@ def grid():
 
 def _grid(grid, out: Path, recorder: MemoryRecorder, launcher: FakeLauncher, *, stop: StopFlag | None = None,
           limit: int = 2) -> tuple[GridPolicy, bool]:
-    spec, cells = grid
-    parent = recorder.start_parent(key="grid", name="g", tags={}, params={})
-    policy = GridPolicy(spec=spec, cells=cells, out=out, recorder=recorder, parent=parent, sha="sha")
-    stop = stop if stop is not None else StopFlag()
-    interrupted = drive(policy, launcher, recorder, NoConsole(), limit=limit, stop=stop)
+    policy, _, interrupted = drive_grid(grid, out, recorder, launcher, stop=stop, limit=limit)
     return policy, interrupted
 
 

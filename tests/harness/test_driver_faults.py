@@ -13,10 +13,10 @@ import pytest
 
 from harness import exit_codes
 from harness.cells import expand
-from harness.driver import Event, StopFlag, TrialOutcome, drive
+from harness.driver import Event, StopFlag, TrialOutcome
 from harness.grid import GridPolicy, GridSummary
 from harness.spec import parse_spec
-from tests.harness.fakes import FakeLauncher, MemoryRecorder, NoConsole, default_script
+from tests.harness.fakes import FakeLauncher, MemoryRecorder, default_script, drive_grid
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +28,7 @@ def grid():
 
 def _run(grid, out: Path, recorder: MemoryRecorder, launcher: FakeLauncher, *, stop: StopFlag | None = None,
          limit: int = 2) -> tuple[GridPolicy, StopFlag]:
-    spec, cells = grid
-    parent = recorder.start_parent(key="grid", name="g", tags={}, params={})
-    policy = GridPolicy(spec=spec, cells=cells, out=out, recorder=recorder, parent=parent, sha="sha")
-    stop = stop if stop is not None else StopFlag()
-    drive(policy, launcher, recorder, NoConsole(), limit=limit, stop=stop, grace_s=1.0)
+    policy, stop, _ = drive_grid(grid, out, recorder, launcher, stop=stop, limit=limit, grace_s=1.0)
     return policy, stop
 
 

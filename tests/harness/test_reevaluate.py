@@ -15,17 +15,12 @@ from harness.cells import HASH_VERSION, expand
 from harness.driver import StopFlag, drive
 from harness.grid import GridPolicy, _cost_phase, check_out_dir
 from harness.spec import parse_spec
-from tests.harness.fakes import FakeLauncher, MemoryRecorder, default_script, failing_script
+from tests.harness.fakes import FakeLauncher, MemoryRecorder, NoConsole, default_script, failing_script
 
 RAW = {"name": "g", "base": {"train": {"steps": 4}, "eval": {"tolerances": [1, 2]}},
        "baselines": [{"name": "fpn", "overrides": {"model.name": "fpn"}},
                      {"name": "sfnet", "overrides": {"model.name": "sfnet"}}],
        "seeds": [0, 1], "max_failures": 2}
-
-
-class _NoConsole:
-    def refresh(self) -> None:
-        pass
 
 
 def _spec(**eval_section):
@@ -37,7 +32,7 @@ def _spec(**eval_section):
 def _run(spec, out: Path, recorder: MemoryRecorder, launcher: FakeLauncher, **kw) -> GridPolicy:
     parent = recorder.start_parent(key="grid", name="g", tags={}, params={})
     policy = GridPolicy(spec=spec, cells=expand(spec), out=out, recorder=recorder, parent=parent, sha="sha", **kw)
-    assert not drive(policy, launcher, recorder, _NoConsole(), limit=2, stop=StopFlag())
+    assert not drive(policy, launcher, recorder, NoConsole(), limit=2, stop=StopFlag())
     return policy
 
 
