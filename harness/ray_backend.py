@@ -8,8 +8,8 @@
   when it exits) holding the trial's CPUs/GPUs; with ``num_workers > 1`` (or ``ddp: true``) it is a zero-CPU task that
   runs a Ray Train ``TorchTrainer`` of that many workers (DDP: gloo on CPU, NCCL on GPU). Every
   attempt records its :func:`placement` (node id, GPU ids/UUIDs, every DDP rank's).
-- :class:`RayLauncher`: the :class:`harness.driver.Launcher` on Ray: submit, wait, events (a Ray
-  queue, pinned to the driver's node, that the workers' engine callbacks put on), outcome (Ray errors
+- :class:`RayLauncher`: the :class:`harness.driver.Launcher` on Ray: submit, wait, events (an
+  :class:`EventQueue`, pinned to the driver's node, that the workers' engine callbacks put on), outcome (Ray errors
   mapped to failure classes: a dead node is ``node_lost``), stop (``ray.cancel(force=False)``: the
   trial checkpoints after its current step), cancel, and lost: a :class:`ClusterWatch` probes the
   head's GCS port every second and calls the cluster lost after :data:`LOST_AFTER_S` of silence (Ray's
@@ -42,7 +42,7 @@ from harness.driver import Event, TrialOutcome, TrialPayload, read_result
 from harness.spec import Resources
 from harness.worker import root_cause, run_trial
 
-__all__ = ["ClusterWatch", "Connection", "LOST_AFTER_S", "RayLauncher", "check_resources", "check_shared_storage",
+__all__ = ["ClusterWatch", "Connection", "EventQueue", "LOST_AFTER_S", "RayLauncher", "check_resources", "check_shared_storage",
            "connect", "default_concurrency", "failure_class", "placement", "resolve_address", "run_isolated",
            "shutdown"]
 
@@ -418,6 +418,52 @@ class ClusterWatch:
                     return
 
 
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class _EventBuffer:
+    """The actor behind :class:`EventQueue`: a list that ``drain`` empties in one call."""
+
+    def __init__(self) -> None:
+        self.items: list[Event] = []
+
+    def put(self, item: Event) -> None:
+        """Append one event."""
+        self.items.append(item)
+
+    def drain(self) -> list[Event]:
+        """Every event put so far, oldest first; the buffer is empty after."""
+        items, self.items = self.items, []
+        return items
+
+
+class EventQueue:
+    """The trials' progress events on their way to the driver: one actor pinned to the driver's node.
+
+    Written by hand instead of ``ray.util.queue.Queue`` because the driver takes everything in one call
+    (that queue needs two round trips per poll: ``qsize``, then ``get_nowait_batch``). The actor
+    restarts when its process dies (Ray's memory monitor kills it on a host short of memory) and the
+    trials' puts are retried meanwhile: the events it held are lost (step metrics; every outcome comes
+    back with its task), not the grid. Picklable: trials get it as an argument.
+    """
+
+    def __init__(self, node_id: str) -> None:
+        """Args:
+        node_id: the Ray node the actor must live on (hard affinity: a soft one lets Ray place it on a
+            worker node that may be lost).
+        """
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.actor = _EventBuffer.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
+
+    def put(self, event: Event) -> None:
+        """Put one event (a trial's engine callback; waits until the actor has it, so none is lost at exit)."""
+        ray.get(self.actor.put.remote(event))
+
+    def shutdown(self) -> None:
+        """Remove the actor."""
+        ray.kill(self.actor)
+
+
 class RayLauncher:
     """:class:`harness.driver.Launcher` on the connected Ray cluster; handles are ObjectRefs."""
 
@@ -431,15 +477,8 @@ class RayLauncher:
             exits). False reuses workers, for trivial ``train_fn`` trials that hold no GPU memory.
         watch: what tells that the cluster is gone (default: a :class:`ClusterWatch` on this cluster's GCS).
         """
-        from ray.util.queue import Queue
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
         self.resources, self.train_fn, self.fresh_workers = resources, train_fn, fresh_workers
-        # The queue lives (and dies) with the driver's node, never on a worker node that may be lost (a soft
-        # affinity is not enough: Ray then places it elsewhere too).
-        here = ray.get_runtime_context().get_node_id()
-        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
-            here, soft=False)})
+        self.queue = EventQueue(ray.get_runtime_context().get_node_id())  # lives (and dies) with this node
         self.watch = watch if watch is not None else ClusterWatch(_gcs_address())
         self._lost: str | None = None
         self._batch: Any = None  # an ObjectRef of events taken off the queue but not read yet
@@ -470,24 +509,19 @@ class RayLauncher:
 
     def events(self) -> list[Event]:
         """Every event on the queue now (each call bounded by :data:`CALL_TIMEOUT_S`)."""
-        if self.queue.actor is None:
-            return []
         try:
             if self._batch is None:  # else: the batch a slow call took off the queue, not yet read
-                n = ray.get(self.queue.actor.qsize.remote(), timeout=CALL_TIMEOUT_S)
-                self._batch = self.queue.actor.get_nowait_batch.remote(n) if n else None
-            batch = ray.get(self._batch, timeout=CALL_TIMEOUT_S) if self._batch is not None else []
+                self._batch = self.queue.actor.drain.remote()
+            batch = ray.get(self._batch, timeout=CALL_TIMEOUT_S)
             self._batch, self._unavailable_since = None, None
             return list(batch)
         except ray.exceptions.GetTimeoutError:  # a busy node: the events come with a later call
             return []
-        except ray.exceptions.ActorUnavailableError as e:  # unreachable for now: lost if it stays so
+        except (ray.exceptions.RayError, ConnectionError) as e:  # restarting, or gone: lost if it stays so
+            self._batch = None
             self._unavailable_since = self._unavailable_since or time.monotonic()
             if time.monotonic() - self._unavailable_since >= self.watch.lost_after_s:
                 self._lose(e, what="the driver's event queue (on the driver's node) stopped answering")
-            return []
-        except (ray.exceptions.RayActorError, ray.exceptions.RaySystemError, ConnectionError) as e:
-            self._lose(e, what="the driver's event queue (on the driver's node) died")
             return []
 
     def done(self, handle: Any) -> bool:

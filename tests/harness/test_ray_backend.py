@@ -57,3 +57,31 @@ def test_shared_storage_is_checked_on_every_node_of_one_host(ray_address: str, t
     with pytest.raises(ConfigError, match=blind):
         ray_backend.check_shared_storage(tmp_path / "out")
     assert sorted(probed) == sorted([node["NodeID"], twin["NodeID"]])
+
+
+def test_a_killed_event_queue_restarts_and_is_not_a_lost_cluster(ray_address: str):
+    """Ray's memory monitor may kill the queue's actor on a host short of memory: the launcher must not
+    call that a lost cluster (exit 4); the actor restarts and later events arrive."""
+    import time
+
+    import ray
+
+    from harness.driver import Event
+    from harness.ray_backend import ClusterWatch, RayLauncher
+    from harness.spec import Resources
+
+    launcher = RayLauncher(Resources(), watch=ClusterWatch(None))
+    try:
+        launcher.queue.put(Event(key="a", attempt=1, kind="train", step=1, metrics={}, time=0.0, info={}))
+        assert [e.key for e in launcher.events()] == ["a"]
+        ray.kill(launcher.queue.actor, no_restart=False)  # the actor's process dies; Ray restarts it
+        got: list = []
+        deadline = time.monotonic() + 60
+        launcher.queue.put(Event(key="b", attempt=1, kind="train", step=2, metrics={}, time=0.0, info={}))
+        while not got and time.monotonic() < deadline:
+            got = launcher.events()
+            assert launcher.lost() is None
+            time.sleep(0.2)
+        assert [e.key for e in got] == ["b"]
+    finally:
+        launcher.close()
