@@ -49,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         dry_run(spec)
         return 0
+    if args.tracking_uri:  # a server or database that does not answer: exit 2 in seconds, before the heavy imports
+        from harness.preflight import check_tracking_uri
+
+        check_tracking_uri(args.tracking_uri)
     from harness.grid import run_grid
 
     out = Path(args.out) if args.out else Path("runs") / spec.name
