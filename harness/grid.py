@@ -374,7 +374,8 @@ def run_grid(spec: GridSpec | str | Path, *, out_dir: str | Path, address: str |
                 cluster(address=address, resources=res, out=out_path, dashboard=dashboard) as connection:
             outage_s = spec.tracking_outage_s if tracking_outage_s is None else tracking_outage_s
             recorder = open_recorder(tracking_uri=tracking_uri, out=out_path, experiment=spec.experiment, say=say,
-                                     outage_s=outage_s, artifact_location=artifact_location, prepared=store)
+                                     outage_s=outage_s, artifact_location=artifact_location, prepared=store,
+                                     id_wait_s=0.0)  # run ids stay inside this session: never wait on the store
             print_where_to_look(recorder, connection, console=view.stdout_console(console),
                                 artifact_location=artifact_location)
             stop = None

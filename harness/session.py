@@ -111,7 +111,7 @@ def _artifact_root(uri: str, out: Path, artifact_location: str | None) -> str | 
 
 def open_recorder(*, tracking_uri: str | None, out: Path, experiment: str, outage_s: float = DEFAULT_TRACKING_OUTAGE_S,
                   artifact_location: str | None = None, say: Any = print,
-                  prepared: PreparedStore | None = None) -> QueuedRecorder:
+                  prepared: PreparedStore | None = None, id_wait_s: float = 5.0) -> QueuedRecorder:
     """The tracking recorder of a session: MLflow at ``tracking_uri`` (or ``sqlite:///<out>/mlflow.db``) behind
     the retry queue, journaling to ``<out>/tracking-journal.json``.
 
@@ -119,7 +119,9 @@ def open_recorder(*, tracking_uri: str | None, out: Path, experiment: str, outag
     for a local or database store (never the driver's working directory), and to the server's default
     for an ``http(s)://`` server. ``outage_s``: how long the store may stay unreachable mid-run before the
     driver stops; ``say`` receives the queue's lines (outage started, store back, a write refused). ``prepared``: a
-    store built while Ray started (:func:`store_while_ray_starts`), put in place first.
+    store built while Ray started (:func:`store_while_ray_starts`), put in place first. ``id_wait_s``: how long
+    ``start_run`` waits for the store's run id before handing out a provisional one (0: never wait, for a
+    caller that keeps ids inside the session; a study waits, since Optuna keeps the id).
 
     Raises:
         ConfigError: the store's SQLite file is damaged (the message says how to rebuild it).
@@ -135,7 +137,7 @@ def open_recorder(*, tracking_uri: str | None, out: Path, experiment: str, outag
     me = f"{socket.gethostname()}:{os.getpid()}"
     return QueuedRecorder(inner, outage_s=outage_s, classify=classify_error, journal=out / JOURNAL_FILE,
                           heartbeat=lambda: {Tag.DRIVER: me, Tag.DRIVER_HEARTBEAT: round(time.time(), 1)},
-                          notify=say)
+                          notify=say, wait_s=id_wait_s)
 
 
 class PreparedStore:
