@@ -11,11 +11,10 @@ distributed trial report different classes (the root cause first).
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-import torch
 
 from ddsm.config import ConfigError
 
@@ -51,13 +50,15 @@ def classify_failure(exc: BaseException) -> str:
     anything with a ``failure_class`` attribute (e.g. :class:`TrainingDiverged`) -> that value;
     a :class:`~ddsm.config.ConfigError` (bad value, file or checkpoint) -> ``config``; everything else -> ``error``.
     """
+    torch = sys.modules.get("torch")  # a torch exception exists only where torch is imported (the driver: not)
+    oom = (MemoryError, torch.cuda.OutOfMemoryError) if torch is not None else (MemoryError,)
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, (KeyboardInterrupt, SystemExit, TrialKilled)):
             return "killed"
-        if isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)):
+        if isinstance(e, oom):
             return "oom"
         if isinstance(e, RuntimeError) and "out of memory" in str(e).lower():
             return "oom"
