@@ -74,7 +74,7 @@ def connect(address: str | None, *, dashboard: bool = False, num_cpus: int | Non
     of ``RAY_ADDRESS`` or of the last ``ray start`` on this machine, never another process's private
     ``ray.init()`` instance (Ray's legacy fallback); ``ray://`` (Ray Client) is refused with what to do
     instead; something must listen at HOST:PORT; token authentication is set up
-    (:func:`_token_auth`) and checked against the cluster's GCS, so a missing or wrong token is one
+    (:func:`_join_auth`) and checked against the cluster's GCS, so a missing or wrong token is one
     line instead of a ConnectionError after 20 s.
 
     Args:
@@ -100,8 +100,7 @@ def connect(address: str | None, *, dashboard: bool = False, num_cpus: int | Non
     host, _, port = gcs.rpartition(":")
     check_tcp(host, int(port), what=f"Ray cluster {address!r}" + (f" (= {gcs})" if gcs != address else ""),
               hint="start it (ray start --head --port PORT) or check --address; omit --address for a local instance")
-    source = _token_auth()
-    _check_gcs(gcs, address=address, token_source=source)
+    _join_auth(gcs, address=address)
     with _entrypoint_redacted():
         context = ray.init(address=gcs, **options)
     return Connection(started=True, address=gcs, dashboard_url=_dashboard_url(context), joined=True)
@@ -132,32 +131,55 @@ def resolve_address(address: str) -> str:
     return address
 
 
-def _token_auth() -> str | None:
-    """Where the token that joins a token-auth cluster comes from, turning ``RAY_AUTH_MODE=token`` on when it is
-    unset and a token is there (Ray sends one only in that mode when joining by address)."""
-    mode = os.environ.get("RAY_AUTH_MODE")
+def _token_source() -> str | None:
+    """Where a token for a token-auth cluster would come from (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``,
+    ``~/.ray/auth_token``), or None."""
     if os.environ.get("RAY_AUTH_TOKEN"):
-        source = "RAY_AUTH_TOKEN"
-    elif os.environ.get("RAY_AUTH_TOKEN_PATH") and Path(os.environ["RAY_AUTH_TOKEN_PATH"]).is_file():
-        source = f"RAY_AUTH_TOKEN_PATH={os.environ['RAY_AUTH_TOKEN_PATH']}"
-    elif (Path.home() / ".ray" / "auth_token").is_file():
-        source = "~/.ray/auth_token"
-    else:
-        source = None
-    if mode is None and source is not None:
-        os.environ["RAY_AUTH_MODE"] = "token"
-        from ray._raylet import Config
+        return "RAY_AUTH_TOKEN"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH") and Path(os.environ["RAY_AUTH_TOKEN_PATH"]).is_file():
+        return f"RAY_AUTH_TOKEN_PATH={os.environ['RAY_AUTH_TOKEN_PATH']}"
+    if (Path.home() / ".ray" / "auth_token").is_file():
+        return "~/.ray/auth_token"
+    return None
 
-        Config.initialize("")  # Ray caches its config: make this process see the mode (as ray.init does)
-    return source if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else None
+
+def _token_mode() -> bool:
+    """Whether this process sends a token (``RAY_AUTH_MODE=token``)."""
+    return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+
+
+def _enable_token_mode() -> None:
+    """``RAY_AUTH_MODE=token`` for this process and its children (Ray sends a token only in that mode)."""
+    from ray._raylet import Config
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")  # Ray caches its config: make this process see the mode (as ray.init does)
+
+
+def _join_auth(gcs: str, *, address: str) -> None:
+    """Settle token authentication with the head before ``ray.init`` joins it, and check it.
+
+    An explicit ``RAY_AUTH_MODE`` is respected. Unset, the head is asked first without a token; only if it
+    asks for one and one is available is token mode turned on (and checked again). Token mode must match the
+    cluster: a token-mode driver on a cluster without authentication connects, but every actor it creates
+    dies unscheduled ("all references to the actor were removed"), and the driver's event queue is one.
+    """
+    source = _token_source()
+    error = _probe_gcs(gcs, address=address)
+    if (isinstance(error, ray.exceptions.AuthenticationError) and source is not None
+            and os.environ.get("RAY_AUTH_MODE") is None):
+        _enable_token_mode()
+        error = _probe_gcs(gcs, address=address)
+    _raise_for(error, gcs=gcs, address=address, token_source=source if _token_mode() else None)
 
 
 GCS_CHECK_S = 15  # how long the GCS client may take to answer
 
 
-def _check_gcs(gcs: str, *, address: str, token_source: str | None) -> None:
-    """Open a GCS client once (in a thread, at most :data:`GCS_CHECK_S`): a token the cluster rejects, or does
-    not get, is an AuthenticationError here; something that listens but is no Ray head never answers."""
+def _probe_gcs(gcs: str, *, address: str) -> BaseException | None:
+    """Open a GCS client once (in a thread, at most :data:`GCS_CHECK_S`) and return its error, or None: a token
+    the cluster rejects, or does not get, is an AuthenticationError; something that listens but is no Ray head
+    never answers (ConfigError)."""
     from ray._raylet import GcsClient  # what `ray status` and the autoscaler use to talk to the GCS
 
     result: list[BaseException | None] = []
@@ -175,7 +197,11 @@ def _check_gcs(gcs: str, *, address: str, token_source: str | None) -> None:
     if not result:
         raise ConfigError(f"Ray cluster {address!r}: {gcs} accepts connections but no Ray head answered in "
                           f"{GCS_CHECK_S} s; expected the GCS port of `ray start --head` (6379 by default)")
-    error = result[0]
+    return result[0]
+
+
+def _raise_for(error: BaseException | None, *, gcs: str, address: str, token_source: str | None) -> None:
+    """ConfigError (one line, what to set) for what :func:`_probe_gcs` returned; nothing for None."""
     if isinstance(error, ray.exceptions.AuthenticationError):
         if token_source:
             why = f"rejected the token from {token_source}"
@@ -534,9 +560,9 @@ class RayLauncher:
             return ray.get(handle, timeout=timeout)
         except ray.exceptions.RayError as e:
             node = _node_of(e)
-            return TrialOutcome(status="failed", failure_class=failure_class(e),
-                                error=str(e).splitlines()[0] + (f" (node {node})" if node and node not in
-                                                                str(e).splitlines()[0] else ""))
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return TrialOutcome(status="failed", failure_class=failure_class(e), traceback=str(e),
+                                error=first + (f" (node {node})" if node and node not in first else ""))
 
     def stop(self, handle: Any) -> None:
         """Ask the trial to stop: SIGINT in its worker (the engine checkpoints after the current step)."""

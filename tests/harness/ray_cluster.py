@@ -23,11 +23,15 @@ ROOT = Path(__file__).resolve().parents[2]
 class LocalCluster:
     """The parent side: start, address, worker node ids, remove a node, kill the head, close."""
 
-    def __init__(self, *, workers: int = 2, head_cpus: int = 0, timeout: float = 300) -> None:
+    def __init__(self, *, workers: int = 2, head_cpus: int = 0, timeout: float = 300,
+                 auth_mode: str | None = None) -> None:
+        """``auth_mode``: the cluster's ``RAY_AUTH_MODE`` (``token``, ``disabled``; None: as this process has it).
+        ``env`` is what a driver of this cluster runs with (its RAY_TMPDIR; the auth mode is not passed on)."""
         self.tmpdir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
         self.env = {**os.environ, "RAY_TMPDIR": self.tmpdir, "OMP_NUM_THREADS": "1"}
+        helper_env = {**self.env, **({"RAY_AUTH_MODE": auth_mode} if auth_mode else {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.harness.ray_cluster", str(workers), str(head_cpus)],
-                                     cwd=ROOT, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     cwd=ROOT, env=helper_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True)
         info = self._answer(timeout)
         self.address, self.head, self.workers = info["address"], info["head"], info["workers"]

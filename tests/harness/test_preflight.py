@@ -75,17 +75,21 @@ def test_ray_address_forms(monkeypatch, tmp_path: Path):
     assert resolve_address("auto") == "10.9.9.9:6380"
 
 
-def test_token_auth_mode_is_turned_on_when_a_token_is_there(monkeypatch, tmp_path: Path):
+def test_token_sources_in_order(monkeypatch, tmp_path: Path):
     from harness import ray_backend
 
     monkeypatch.setenv("HOME", str(tmp_path))
     for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(var, raising=False)
-    assert ray_backend._token_auth() is None and "RAY_AUTH_MODE" not in os.environ
+    assert ray_backend._token_source() is None
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("t")
+    assert ray_backend._token_source() == "~/.ray/auth_token"
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))  # a path to nothing is no source
+    assert ray_backend._token_source() == "~/.ray/auth_token"
     monkeypatch.setenv("RAY_AUTH_TOKEN", "abc")
-    assert ray_backend._token_auth() == "RAY_AUTH_TOKEN" and os.environ["RAY_AUTH_MODE"] == "token"
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # an explicit mode is respected
-    assert ray_backend._token_auth() is None
+    assert ray_backend._token_source() == "RAY_AUTH_TOKEN"
+    assert "RAY_AUTH_MODE" not in os.environ  # finding a token never turns token mode on by itself
 
 
 def test_cli_exits_2_fast_and_never_prints_the_password(tmp_path: Path, write_spec, repo_root):

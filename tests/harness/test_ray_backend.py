@@ -85,3 +85,40 @@ def test_a_killed_event_queue_restarts_and_is_not_a_lost_cluster(ray_address: st
         assert [e.key for e in got] == ["b"]
     finally:
         launcher.close()
+
+
+_JOIN = """
+import sys
+import ray
+from harness import ray_backend
+from harness.driver import Event
+ray_backend.connect(sys.argv[1])
+queue = ray_backend.EventQueue(ray.get_runtime_context().get_node_id())
+
+@ray.remote(num_cpus=1)
+def trial(q):
+    q.put(Event(key="k", attempt=1, kind="start", step=0))
+
+ray.get(trial.remote(queue), timeout=120)
+print("events", [e.key for e in ray.get(queue.actor.drain.remote(), timeout=60)])
+"""
+
+
+@pytest.mark.parametrize("cluster_mode", ["disabled", "token"])
+def test_joining_with_a_token_at_hand_matches_the_clusters_auth_mode(cluster_mode: str, monkeypatch):
+    """A token in ~/.ray/auth_token (or RAY_AUTH_TOKEN) must not put the driver in token mode on a cluster
+    without authentication: Ray then connects, but every actor it creates dies unscheduled (the driver's
+    event queue, so every trial failed). On a token cluster the driver turns token mode on and joins."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.harness.ray_cluster import ROOT, LocalCluster
+
+    if not (Path.home() / ".ray" / "auth_token").is_file():  # the cluster and the driver share this token
+        monkeypatch.setenv("RAY_AUTH_TOKEN", "ddsm-bench-test-token-0123456789abcdef")
+    with LocalCluster(workers=1, auth_mode=cluster_mode) as cluster:
+        env = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_MODE"}
+        done = subprocess.run([sys.executable, "-c", _JOIN, cluster.address], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=240)
+    assert done.returncode == 0 and "events ['k']" in done.stdout, (done.stdout + done.stderr)[-3000:]
