@@ -27,7 +27,10 @@ to back) <= 1.10. Also printed: the engine-adjusted ratio, with the run side's e
 train side's; the engine work is identical, so this removes its load noise (often +-30% here) and is
 the number to trust on a shared machine.
 
-Run: ``.venv/bin/python -m benchmarks.bench_harness [--steps S] [--cpus C] [--keep DIR] [--no-profile]
+Like for like by default: the grid's isolated cost phase and per-trial figure views (measurements
+``ddsm-bench train`` does not make) are off in the spec; ``--full`` keeps them.
+
+Run: ``.venv/bin/python -m benchmarks.bench_harness [--steps S] [--cpus C] [--full] [--keep DIR] [--no-profile]
 [--call-timeout S]``
 (6-8 minutes on 2 busy cores); prints tables and writes benchmarks/results/bench_harness.json.
 """
@@ -53,9 +56,15 @@ EXPERIMENT = "bench_harness"
 CALL_TIMEOUT_S = 900  # default limit of one subprocess (--call-timeout); the benchmark takes 6-8 min idle
 
 
-def spec_dict(*, steps: int, cpus: float) -> dict:
-    """The 4-cell grid: fpn and ddsm (dual, N=9) x seeds 0, 1 on the quickstart base (64x64 synthetic)."""
+def spec_dict(*, steps: int, cpus: float, full: bool = False) -> dict:
+    """The 4-cell grid: fpn and ddsm (dual, N=9) x seeds 0, 1 on the quickstart base (64x64 synthetic).
+
+    ``full``: keep the two measurements the grid makes that ``ddsm-bench train`` does not (the isolated
+    cost phase, which times every variant alone after the grid, and the per-trial prediction views for
+    the report's figures); off by default, so both sides do the same work and the ratio is the harness's.
+    """
     every = max(1, steps // 2)
+    extra = {} if full else {"cost": {"enabled": False}, "figures": {"enabled": False}}
     return {
         "name": EXPERIMENT,
         "description": "benchmarks/bench_harness.py: 4 cells, harness overhead",
@@ -74,6 +83,7 @@ def spec_dict(*, steps: int, cpus: float) -> dict:
         "seeds": [0, 1],
         "resources": {"cpus": cpus, "gpus": 0},
         "max_failures": 0,
+        **extra,
     }
 
 
@@ -320,7 +330,9 @@ def print_results(r: dict) -> None:
     print(f"\n{n} cells ({', '.join(c['name'] for c in r['cells'])}), {r['steps']} steps each, 64x64 synthetic, "
           f"batch 8; one trial at a time on both sides (--max-concurrent 1), {r['torch_threads_per_trial']} torch "
           f"thread(s) per trial on both sides; configs identical on both sides: {r['configs_identical']}; load "
-          f"average {r['load_avg_before']} -> {r['load_avg_after']} on {os.cpu_count()} cores\n")
+          f"average {r['load_avg_before']} -> {r['load_avg_after']} on {os.cpu_count()} cores; "
+          + ("--full: the grid also runs its isolated cost phase and saves per-trial figure views\n" if r.get("full")
+             else "like for like: the grid's isolated cost phase and figure views off (--full keeps them)\n"))
     rows = [{"side": "ddsm-bench train x4, back to back", "wall s": f"{r['train_wall_s']:.1f}",
              "per cell s": f"{r['train_per_cell_s']:.1f}", "train loops s": f"{r['train_loop_s']['train']:.1f}"},
             {"side": "ddsm-bench run (Ray, MLflow, report)", "wall s": f"{r['run_wall_s']:.1f}",
@@ -351,7 +363,9 @@ def print_results(r: dict) -> None:
 def main() -> None:
     """Write the spec and cell configs, run both sides, print and save the results."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=64, help="training steps per cell (64: ~50 s per cell here)")
+    ap.add_argument("--steps", type=int, default=128, help="training steps per cell (128: ~60 s per cell here)")
+    ap.add_argument("--full", action="store_true", help="keep the grid's isolated cost phase and per-trial "
+                    "figure views (work the train side does not do; off: like for like)")
     ap.add_argument("--cpus", type=float, default=1.0, help="resources.cpus per trial = torch threads on both sides")
     ap.add_argument("--keep", type=Path, default=None, help="keep the runs in this folder (default: a temp folder)")
     ap.add_argument("--no-profile", action="store_true", help="skip timing the harness's fixed costs one by one")
@@ -365,12 +379,12 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="bench_harness-")) if args.keep is None else args.keep
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(spec_dict(steps=args.steps, cpus=args.cpus), sort_keys=False))
+    spec_path.write_text(yaml.safe_dump(spec_dict(steps=args.steps, cpus=args.cpus, full=args.full), sort_keys=False))
     cells = write_cells(spec_path, folder)
     load_before = load_average()
     calls = run_both(cli, folder, spec_path, cells, bench_env(args.cpus), call_timeout_s=args.call_timeout)
     load_after = load_average()
-    r = {"machine": machine(), "load_avg_before": load_before, "load_avg_after": load_after,
+    r = {"machine": machine(), "load_avg_before": load_before, "load_avg_after": load_after, "full": args.full,
          **results(folder, cells, calls, steps=args.steps, threads=max(1, int(args.cpus)))}
     r["overhead_model"] = overhead_model(r)
     if not args.no_profile:
