@@ -29,14 +29,15 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pandas as pd
 from mlflow import MlflowClient
@@ -49,7 +50,7 @@ from ddsm.config import ConfigError
 from harness.driver import Event, Recorder
 from harness.secrets import redact
 
-__all__ = ["CellRun", "GridRuns", "MlflowRecorder", "RUN_TAGS", "Tag", "artifact_uri", "classify_error",
+__all__ = ["CellRun", "GridRuns", "MlflowRecorder", "RUN_TAGS", "RunArtifacts", "Tag", "artifact_uri", "classify_error",
            "damaged_store_message", "driver_gone", "experiment_tags", "iter_runs", "load_runs", "reader_uri",
            "record_event", "store_uri", "ui_hint", "write_report_from_mlflow"]
 
@@ -338,10 +339,27 @@ class MlflowRecorder:
                 self._client.log_batch(run_id, metrics=chunk, tags=tag_list[:100] if n == 0 else [])
         for i in range(100, len(tag_list), 100):
             self._client.log_batch(run_id, tags=tag_list[i: i + 100])
+        self._log_files(run_id, artifacts)
+        self._client.set_terminated(run_id, status=status)
+
+    def _log_files(self, run_id: str, artifacts: Iterable[tuple[Path, str | None]]) -> None:
+        """Upload the files that exist, one request per artifact dir (each ``log_artifact`` resolves the run
+        again): the files of a dir are linked into a temporary folder that is logged whole."""
+        groups: dict[str | None, dict[str, Path]] = {}
         for path, where in artifacts:
             if Path(path).is_file():
-                self._client.log_artifact(run_id, str(path), artifact_path=where)
-        self._client.set_terminated(run_id, status=status)
+                groups.setdefault(where, {})[Path(path).name] = Path(path)  # same name, same dir: the last wins
+        for where, files in groups.items():
+            if len(files) == 1:
+                self._client.log_artifact(run_id, str(next(iter(files.values()))), artifact_path=where)
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                for name, path in files.items():
+                    try:
+                        os.link(path, Path(tmp) / name)
+                    except OSError:  # another filesystem
+                        shutil.copy2(path, Path(tmp) / name)
+                self._client.log_artifacts(run_id, tmp, artifact_path=where)
 
     def final_metrics(self, run_id: str) -> dict[str, float]:
         """The latest value of every metric of a run."""
@@ -419,6 +437,7 @@ class GridRuns:
     frame: pd.DataFrame
     provenance: dict[str, Any]
     expected: pd.DataFrame | None  # columns variant, seed; None when nothing says which cells were planned
+    artifact_uris: dict[str, str] = field(default_factory=dict)  # run id -> its artifact location
 
 
 def load_runs(tracking_uri: str | None, *, experiment: str | None = None, parent_run_id: str | None = None,
@@ -474,10 +493,55 @@ def load_runs(tracking_uri: str | None, *, experiment: str | None = None, parent
         where = f"parent run {parent_run_id!r}" if parent_run_id else f"experiment {experiment!r}"
         raise ConfigError(f"{where} has no cell runs in tracking store {uri}")
     by_id, now = {r.info.run_id: r for r in every}, time.time()
-    frame = tidy_frame(_record(r, exp.name, _per_class_artifact(client, r) if read_artifacts else {},
-                               interrupted=_interrupted(r, by_id, now)) for r in runs)
+    uris = {r.info.run_id: r.info.artifact_uri for r in runs}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = RunArtifacts(client, dest=tmp, artifact_uris=uris)
+        frame = tidy_frame(_record(r, exp.name, _per_class_artifact(files, r) if read_artifacts else {},
+                                   interrupted=_interrupted(r, by_id, now)) for r in runs)
     return GridRuns(frame=frame, provenance=_provenance(uri, exp, parents, runs),
-                    expected=_expected(plan, parents, frame))
+                    expected=_expected(plan, parents, frame), artifact_uris=uris)
+
+
+class RunArtifacts:
+    """Reads runs' artifacts: from their folder when the artifact store is this machine's filesystem
+    (``file://`` or a path), else through the MLflow client (downloaded under ``dest``). Written by hand
+    because the client resolves the run (one store query) and copies the file for every artifact read:
+    at 1000 runs that was most of a report's time."""
+
+    def __init__(self, client: Any, *, dest: str | Path, artifact_uris: dict[str, str] | None = None) -> None:
+        """Args:
+        client: the MlflowClient of the store.
+        dest: where artifacts of a remote store are downloaded.
+        artifact_uris: run id -> artifact location (``run.info.artifact_uri``); runs not in it are read
+            through the client.
+        """
+        self.client, self.dest = client, Path(dest)
+        self._roots = {run_id: _local_folder(u) for run_id, u in (artifact_uris or {}).items()}
+
+    def names(self, run_id: str, path: str = "") -> set[str]:
+        """Paths of the artifacts directly under ``path`` (as ``list_artifacts`` gives them: ``views/a.png``)."""
+        root = self._roots.get(run_id)
+        if root is None:
+            return {f.path for f in self.client.list_artifacts(run_id, path or None)}
+        folder = root / path if path else root
+        return {f"{path}/{p.name}" if path else p.name for p in folder.iterdir()} if folder.is_dir() else set()
+
+    def path(self, run_id: str, path: str) -> Path:
+        """A local path of the artifact (a file or a folder); read it, do not change it."""
+        root = self._roots.get(run_id)
+        if root is None:
+            return Path(self.client.download_artifacts(run_id, path, str(self.dest / run_id)))
+        return root / path
+
+
+def _local_folder(artifact_uri: str | None) -> Path | None:
+    """The folder of a ``file://`` (or plain path) artifact location, else None (a server or object store)."""
+    if not artifact_uri:
+        return None
+    parts = urlsplit(artifact_uri)
+    if parts.scheme == "file" and parts.netloc in ("", "localhost"):
+        return Path(unquote(parts.path))
+    return Path(artifact_uri) if parts.scheme == "" else None
 
 
 def _record(run: Any, experiment: str, per_class: dict[str, float], *, interrupted: bool = False) -> dict[str, Any]:
@@ -533,24 +597,23 @@ def driver_gone(parent: Any, *, now: float | None = None) -> bool:
         return False
 
 
-def _per_class_artifact(client: Any, run: Any) -> dict[str, float]:
+def _per_class_artifact(files: RunArtifacts, run: Any) -> dict[str, float]:
     """``iou_<class>`` from ``per_class_iou.csv`` when the run logged no ``iou_*`` metric, and the per-class
     boundary F ``bf_<r>px/<class>`` from ``metrics.json`` (its ``bf_per_class``), of a finished run."""
     if run.info.status != "FINISHED":
         return {}
-    names = {f.path for f in client.list_artifacts(run.info.run_id)}
-    out = _per_class_bf(client, run) if "metrics.json" in names else {}
+    names = files.names(run.info.run_id)
+    out = _per_class_bf(files, run) if "metrics.json" in names else {}
     if any(k.startswith("iou_") for k in run.data.metrics) or "per_class_iou.csv" not in names:
         return out
-    return {**out, **_per_class_iou(client, run)}
+    return {**out, **_per_class_iou(files, run)}
 
 
-def _per_class_bf(client: Any, run: Any) -> dict[str, float]:
+def _per_class_bf(files: RunArtifacts, run: Any) -> dict[str, float]:
     """``bf_<r>px/<class>`` from ``metrics.json``: ``bf_per_class`` {radius: K scores} and ``class_names``."""
     from ddsm.metrics.catalogue import bf_key, class_bf_key
 
-    with tempfile.TemporaryDirectory() as tmp:
-        data = json.loads(Path(client.download_artifacts(run.info.run_id, "metrics.json", tmp)).read_text())
+    data = json.loads(files.path(run.info.run_id, "metrics.json").read_text())
     names = data.get("class_names") or []
     out = {}
     for radius, scores in (data.get("bf_per_class") or {}).items():
@@ -561,13 +624,10 @@ def _per_class_bf(client: Any, run: Any) -> dict[str, float]:
     return out
 
 
-def _per_class_iou(client: Any, run: Any) -> dict[str, float]:
+def _per_class_iou(files: RunArtifacts, run: Any) -> dict[str, float]:
     """``iou_<class>`` from ``per_class_iou.csv``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = client.download_artifacts(run.info.run_id, "per_class_iou.csv", tmp)
-        with open(path, newline="") as fh:
-            return {f"iou_{r['class_name']}": float(r["iou"]) if r["iou"] else float("nan")
-                    for r in csv.DictReader(fh)}
+    with open(files.path(run.info.run_id, "per_class_iou.csv"), newline="") as fh:
+        return {f"iou_{r['class_name']}": float(r["iou"]) if r["iou"] else float("nan") for r in csv.DictReader(fh)}
 
 
 def _plan(client: Any, parent: Any) -> list[dict[str, Any]]:
@@ -661,13 +721,16 @@ def _gpus(tags: dict[str, str]) -> list[str]:
 HISTORY_METRICS = ("loss", "miou")  # plus every bf_* : the learning curves (reports.curves)
 
 
-def load_figure_inputs(tracking_uri: str | None, frame: pd.DataFrame, *, dest: str | Path) -> Any:
+def load_figure_inputs(tracking_uri: str | None, frame: pd.DataFrame, *, dest: str | Path,
+                       artifact_uris: dict[str, str] | None = None) -> Any:
     """The learning-curve histories, resume steps and ``views/`` folders of the finished runs in ``frame``
-    (downloaded under ``dest``), and the grid's ``figures`` settings: a :class:`reports.inputs.FigureInputs`."""
+    (read in place from a local artifact store, else downloaded under ``dest``; ``artifact_uris`` as in
+    :class:`RunArtifacts`), and the grid's ``figures`` settings: a :class:`reports.inputs.FigureInputs`."""
     from ddsm.metrics.catalogue import bf_metrics
     from reports.inputs import HISTORY_COLUMNS, FigureInputs, resume_steps
 
     client = MlflowClient(tracking_uri=reader_uri(tracking_uri))
+    files = RunArtifacts(client, dest=dest, artifact_uris=artifact_uris)
     rows, resumes, views, settings = [], [], {}, {}
     finished = frame.loc[frame["status"].eq("FINISHED"), ["run_id", "parent_run_id"]].drop_duplicates("run_id")
     logged = frame.groupby("run_id")["metric"].agg(lambda m: set(m.dropna()))  # final metrics: no get_run per run
@@ -676,14 +739,14 @@ def load_figure_inputs(tracking_uri: str | None, frame: pd.DataFrame, *, dest: s
         keys = [k for k in HISTORY_METRICS if k in names_logged] + bf_metrics(names_logged)
         points = [(run_id, k, m.step, m.value, m.timestamp) for k in keys for m in client.get_metric_history(run_id, k)]
         rows += points
-        names = {f.path for f in client.list_artifacts(run_id)}
+        names = files.names(run_id)
         if "attempts.jsonl" in names:
-            path = client.download_artifacts(run_id, "attempts.jsonl", str(dest))
-            attempts = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+            text = files.path(run_id, "attempts.jsonl").read_text()
+            attempts = [json.loads(line) for line in text.splitlines() if line.strip()]
             history = pd.DataFrame([p for p in points if p[1] == "loss"], columns=HISTORY_COLUMNS)
             resumes += [(run_id, s) for s in resume_steps(history, attempts)]
-        if "views" in names and "views/index.json" in {f.path for f in client.list_artifacts(run_id, "views")}:
-            views[run_id] = Path(client.download_artifacts(run_id, "views", str(Path(dest) / run_id)))
+        if "views" in names and "views/index.json" in files.names(run_id, "views"):
+            views[run_id] = files.path(run_id, "views")
         if not settings and parent_id:
             try:
                 settings = json.loads(client.get_run(parent_id).data.tags.get(Tag.FIGURES) or "{}")
@@ -707,6 +770,6 @@ def write_report_from_mlflow(tracking_uri: str | None, *, experiment: str | None
 
     grid = load_runs(tracking_uri, experiment=experiment, parent_run_id=parent_run_id)
     with tempfile.TemporaryDirectory() as tmp:
-        inputs = load_figure_inputs(tracking_uri, grid.frame, dest=tmp)
+        inputs = load_figure_inputs(tracking_uri, grid.frame, dest=tmp, artifact_uris=grid.artifact_uris)
         return write_report(grid.frame, out_dir, baseline=baseline, provenance=grid.provenance, method=method,
                             alpha=alpha, expected=grid.expected, figure_inputs=inputs)

@@ -74,3 +74,31 @@ def test_recorder_contract(recorder, tmp_path: Path):
     assert recorder.cell_runs()["h2"].run_id == b  # a FINISHED run wins over later ones
     with pytest.raises((ValueError, AssertionError)):
         recorder.end_run(c, status="DONE")
+
+
+def test_run_artifacts_read_in_place_from_a_local_store_and_through_the_client_otherwise(tmp_path: Path):
+    from mlflow import MlflowClient
+
+    from harness.mlflow_io import RunArtifacts
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("a", artifact_location=(tmp_path / "art").as_uri())
+    run = client.create_run(exp)
+    src = tmp_path / "src"
+    (src / "views").mkdir(parents=True)
+    (src / "metrics.json").write_text('{"miou": 0.5}')
+    (src / "views" / "index.json").write_text("[]")
+    client.log_artifacts(run.info.run_id, str(src))
+    rid = run.info.run_id
+    local = RunArtifacts(client, dest=tmp_path / "dl", artifact_uris={rid: run.info.artifact_uri})
+    remote = RunArtifacts(client, dest=tmp_path / "dl")  # no location known: through the client
+    for files in (local, remote):
+        assert files.names(rid) == {"metrics.json", "views"}
+        assert files.names(rid, "views") == {"views/index.json"}
+        assert files.path(rid, "metrics.json").read_text() == '{"miou": 0.5}'
+        assert (files.path(rid, "views") / "index.json").is_file()
+        if files is local:
+            assert not (tmp_path / "dl").exists()  # read in place: nothing copied
+    assert local.path(rid, "metrics.json").parent == Path(run.info.artifact_uri.removeprefix("file://"))
+    assert remote.path(rid, "metrics.json").is_relative_to(tmp_path / "dl")
+    assert RunArtifacts(client, dest=tmp_path, artifact_uris={"x": "s3://bucket/1/x/artifacts"})._roots == {"x": None}
