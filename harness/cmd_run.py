@@ -45,14 +45,14 @@ def run(args: argparse.Namespace) -> int:
 
     check_positive(max_concurrent=args.max_concurrent)
     check_seconds(tracking_outage_s=args.tracking_outage_s)
+    if args.tracking_uri and not args.dry_run:  # a store that does not answer: exit 2 in seconds, before the
+        from harness.preflight import check_tracking_uri  # spec's validation imports torch and builds models
+
+        check_tracking_uri(args.tracking_uri)
     spec = load_spec(args.spec, smoke=args.smoke, check_paths=args.address is None)
     if args.dry_run:
         dry_run(spec)
         return 0
-    if args.tracking_uri:  # a server or database that does not answer: exit 2 in seconds, before the heavy imports
-        from harness.preflight import check_tracking_uri
-
-        check_tracking_uri(args.tracking_uri)
     from harness.grid import run_grid
 
     out = Path(args.out) if args.out else Path("runs") / spec.name
