@@ -34,6 +34,7 @@ FINAL = ("miou", "pixel_acc", "bf_1px", "bf_2px", "biou", "gflops", "params_m", 
 # ----------------------------------------------------------------------------- the quickstart, end to end
 
 
+@pytest.mark.slow  # ~3 min on 2 cores (10 cells, cost phase, figures, report, re-run): `make demo` is this path
 def test_quickstart_smoke_end_to_end_then_rerun_skips_everything(ray_address: str, tmp_path: Path, quiet, mlflow_runs,
                                                                     attempts, repo_root):
     out = tmp_path / "qs"

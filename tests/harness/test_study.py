@@ -37,6 +37,7 @@ def _trials(out: Path, name: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}").trials
 
 
+@pytest.mark.slow  # ~75 s on 2 cores; the study's paths stay covered by the fake-launcher tests of test_driver*
 def test_smoke_study_prunes_records_and_exports_a_runnable_best_spec(ray_address: str, tmp_path: Path, tiny_study,
                                                                      quiet, mlflow_runs):
     # One trial at a time makes the study deterministic: TPE's seeded start-up samples, CPU training and
