@@ -483,19 +483,19 @@ def load_runs(tracking_uri: str | None, *, experiment: str | None = None, parent
     referenced = {r.data.tags.get(Tag.PARENT) for r in every} - {None}
     if parent_run_id is None:
         parents = [r for r in every if _is_parent(r, referenced)]
-    plan = [c for p in parents for c in _plan(client, p)] if read_artifacts else []
-    hashes = {c.get("hash") for c in plan} - {None}
-    ids = {p.info.run_id for p in parents}
-    runs = [r for r in every if not _is_parent(r, referenced)
-            and (parent_run_id is None or r.data.tags.get(Tag.PARENT) in ids
-                 or r.data.tags.get(Tag.CELL_HASH) in hashes)]
-    if not runs:
-        where = f"parent run {parent_run_id!r}" if parent_run_id else f"experiment {experiment!r}"
-        raise ConfigError(f"{where} has no cell runs in tracking store {uri}")
-    by_id, now = {r.info.run_id: r for r in every}, time.time()
-    uris = {r.info.run_id: r.info.artifact_uri for r in runs}
+    uris = {r.info.run_id: r.info.artifact_uri for r in [*parents, *every]}
     with tempfile.TemporaryDirectory() as tmp:
         files = RunArtifacts(client, dest=tmp, artifact_uris=uris)
+        plan = [c for p in parents for c in _plan(files, p)] if read_artifacts else []
+        hashes = {c.get("hash") for c in plan} - {None}
+        ids = {p.info.run_id for p in parents}
+        runs = [r for r in every if not _is_parent(r, referenced)
+                and (parent_run_id is None or r.data.tags.get(Tag.PARENT) in ids
+                     or r.data.tags.get(Tag.CELL_HASH) in hashes)]
+        if not runs:
+            where = f"parent run {parent_run_id!r}" if parent_run_id else f"experiment {experiment!r}"
+            raise ConfigError(f"{where} has no cell runs in tracking store {uri}")
+        by_id, now = {r.info.run_id: r for r in every}, time.time()
         frame = tidy_frame(_record(r, exp.name, _per_class_artifact(files, r) if read_artifacts else {},
                                    interrupted=_interrupted(r, by_id, now)) for r in runs)
     return GridRuns(frame=frame, provenance=_provenance(uri, exp, parents, runs),
@@ -630,14 +630,12 @@ def _per_class_iou(files: RunArtifacts, run: Any) -> dict[str, float]:
         return {f"iou_{r['class_name']}": float(r["iou"]) if r["iou"] else float("nan") for r in csv.DictReader(fh)}
 
 
-def _plan(client: Any, parent: Any) -> list[dict[str, Any]]:
+def _plan(files: RunArtifacts, parent: Any) -> list[dict[str, Any]]:
     """The planned cells of a grid: its parent's ``grid.json`` (``{"cells": [{"variant", "seed", "hash"}]}``);
     empty when it was not logged (a study's parent)."""
-    if "grid.json" not in {f.path for f in client.list_artifacts(parent.info.run_id)}:
+    if "grid.json" not in files.names(parent.info.run_id):
         return []
-    with tempfile.TemporaryDirectory() as tmp:
-        data = json.loads(Path(client.download_artifacts(parent.info.run_id, "grid.json", tmp)).read_text())
-    return list(data.get("cells", []))
+    return list(json.loads(files.path(parent.info.run_id, "grid.json").read_text()).get("cells", []))
 
 
 def _is_parent(run: Any, referenced: set[str]) -> bool:
