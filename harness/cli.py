@@ -71,6 +71,16 @@ def check_seconds(**options: float | None) -> None:
             raise UsageError(f"--{name.replace('_', '-')}={value:g} is not allowed: expected seconds > 0")
 
 
+def check_tracking_store(uri: str | None) -> None:
+    """ConfigError (exit 2, one line) when ``--tracking-uri`` names a server or database that does not answer,
+    in seconds: ``run`` and ``tune`` call it before a spec's validation imports torch and builds models
+    (``harness.session.preflight`` checks again for callers of ``run_grid``/``run_study``)."""
+    if uri:
+        from harness.preflight import check_tracking_uri
+
+        check_tracking_uri(uri)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="ddsm-bench", description="DDSM benchmarking and ablation harness")

@@ -44,15 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def tune(args: argparse.Namespace) -> int:
     """Validate the spec and the options, run (or continue) the study; return the exit code."""
-    from harness.cli import check_positive, check_seconds
+    from harness.cli import check_positive, check_seconds, check_tracking_store
     from harness.tune_spec import load_tune_spec
 
     check_positive(max_concurrent=args.max_concurrent, n_trials=args.n_trials)
     check_seconds(tracking_outage_s=args.tracking_outage_s)
-    if args.tracking_uri:  # a server or database that does not answer: exit 2 in seconds, before the heavy imports
-        from harness.preflight import check_tracking_uri
-
-        check_tracking_uri(args.tracking_uri)
+    check_tracking_store(args.tracking_uri)
     spec = load_tune_spec(args.spec, smoke=args.smoke, check_paths=args.address is None,
                           allow_leak=args.tune_on_confirm_split)
     from harness.study import run_study

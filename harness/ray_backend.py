@@ -42,8 +42,8 @@ from harness.driver import Event, TrialOutcome, TrialPayload, read_result
 from harness.spec import Resources
 from harness.worker import root_cause, run_trial
 
-__all__ = ["ClusterWatch", "Connection", "EventQueue", "LOST_AFTER_S", "RayLauncher", "check_resources", "check_shared_storage",
-           "connect", "default_concurrency", "failure_class", "placement", "resolve_address", "run_isolated",
+__all__ = ["ClusterWatch", "Connection", "EventQueue", "LOST_AFTER_S", "RayLauncher", "check_resources",
+           "check_shared_storage", "connect", "default_concurrency", "failure_class", "placement", "resolve_address", "run_isolated",
            "shutdown"]
 
 # Seconds without an answer from the head before the cluster counts as lost (must stay well under the 60 s
