@@ -40,6 +40,8 @@ __all__ = ["Event", "Job", "Launcher", "Policy", "Recorder", "StopFlag", "Tracki
            "append_jsonl", "drive", "read_result", "stop_on_signals", "write_json"]
 
 POLL_S = 0.5  # longest wait for a trial to finish before events are delivered and the flag checked
+SETTLE_S = 10.0  # longest an ended attempt's outcome waits for its last events (Launcher.caught_up)
+SETTLE_POLL_S = 0.05  # the loop's pause while attempts settle and none runs
 GRACE_S = 30.0  # how long trials asked to stop get to write their checkpoint
 LOST_GRACE_S = 10.0  # the same on a lost cluster (Ray ends a driver whose head is gone after 60 s)
 RESULT_FILE = "result.json"
@@ -151,7 +153,11 @@ class Launcher(Protocol):
         """The handles that finished: every one ready now, after waiting up to ``timeout`` for the first."""
 
     def events(self) -> list[Event]:
-        """Every event received since the last call, in order."""
+        """Every event received since the last call, in order (without waiting: events may arrive a call late)."""
+
+    def caught_up(self, handle: Any) -> bool:
+        """Whether :meth:`events` has returned every event the ended attempt sent (its outcome is recorded
+        after them, so its last metrics are not dropped as late)."""
 
     def done(self, handle: Any) -> bool:
         """Whether the attempt ended (without waiting)."""
@@ -313,6 +319,7 @@ def stop_on_signals() -> Iterator[StopFlag]:
 class _Flight:
     handle: Any
     job: Job
+    ended_at: float | None = None  # monotonic time the attempt's task ended (it is settling: see drive)
 
 
 def drive(policy: Policy, launcher: Launcher, recorder: Recorder, console: Console, *, limit: int,
@@ -325,29 +332,38 @@ def drive(policy: Policy, launcher: Launcher, recorder: Recorder, console: Conso
     outcomes of those that ended, flush the recorder, check the store and the cluster, redraw. When
     ``stop`` is raised, the interrupt path of the module docstring runs (``grace_s``: how long running
     attempts get to checkpoint).
+
+    Events come without waiting (a queue round trip per step was most of the loop's time), so an attempt's
+    last events may arrive a step after its task ended: an ended attempt *settles* (its slot is free for the
+    next launch, its late events are still delivered, as final) until :meth:`Launcher.caught_up` says they
+    all came, or :data:`SETTLE_S` passed; then its outcome is recorded.
     """
-    flight: dict[str, _Flight] = {}  # job key -> in flight
+    flight: dict[str, _Flight] = {}  # job key -> in flight (running, or ended and settling)
     aborted = False
     try:
         policy.start()
         console.refresh()
         while not stop:
-            while not stop and len(flight) < limit:
+            running = {f.handle: key for key, f in flight.items() if f.ended_at is None}
+            while not stop and len(running) < limit:
                 job = policy.next_job()
                 if job is None:
                     break
                 flight[job.key] = _Flight(launcher.submit(job.payload), job)
+                running[flight[job.key].handle] = job.key
             _check(recorder, launcher, stop)
             if not flight or stop:
                 break
-            by_handle = {f.handle: key for key, f in flight.items()}
-            ready = {by_handle[h] for h in launcher.wait(list(by_handle), timeout=POLL_S)}
+            ready = launcher.wait(list(running), timeout=POLL_S if running else SETTLE_POLL_S)
             if stop:
                 break
-            _deliver(policy, launcher, flight, final=ready)
-            for key in ready:
-                f = flight.pop(key, None)
-                if f is not None:
+            now = time.monotonic()
+            for handle in ready:
+                flight[running[handle]].ended_at = now
+            _deliver(policy, launcher, flight, final={k for k, f in flight.items() if f.ended_at is not None})
+            for key, f in list(flight.items()):
+                if f.ended_at is not None and (launcher.caught_up(f.handle) or now - f.ended_at >= SETTLE_S):
+                    del flight[key]
                     policy.on_outcome(f.job, launcher.outcome(f.handle))
             recorder.flush()
             console.refresh()
@@ -399,6 +415,7 @@ def _interrupt(policy: Policy, launcher: Launcher, flight: dict[str, _Flight], *
         _deliver(policy, launcher, flight, final=set(flight))
     if grace_s > 0:
         _let_checkpoint(policy, launcher, flight, grace_s=grace_s)
+        _settle(policy, launcher, flight, timeout_s=min(grace_s, SETTLE_S))
     for key, f in list(flight.items()):
         outcome = None
         with _best_effort():
@@ -433,6 +450,22 @@ def _let_checkpoint(policy: Policy, launcher: Launcher, flight: dict[str, _Fligh
                 asked -= _deliver(policy, launcher, flight, final=set(flight))
             if asked:
                 time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+    except KeyboardInterrupt:
+        return
+
+
+def _settle(policy: Policy, launcher: Launcher, flight: dict[str, _Flight], *, timeout_s: float) -> None:
+    """Deliver events until every ended attempt in flight has caught up (at most ``timeout_s``; a second
+    Ctrl-C or a failing launcher call ends it)."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            _deliver(policy, launcher, flight, final=set(flight))
+            if all(launcher.caught_up(f.handle) for f in flight.values() if launcher.done(f.handle)):
+                return
+            time.sleep(SETTLE_POLL_S)
+    except Exception:  # noqa: BLE001 - best effort: a launcher that fails now (lost cluster) has nothing more to give
+        return
     except KeyboardInterrupt:
         return
 

@@ -46,8 +46,10 @@ class FakeLauncher:
     """A :class:`harness.driver.Launcher` whose attempts follow scripts (``script(payload) -> steps``)."""
 
     def __init__(self, script: Callable[[TrialPayload], list[Step]] = default_script,
-                 hook: Callable[[str], None] | None = None) -> None:
-        self.script, self.hook = script, hook or (lambda name: None)
+                 hook: Callable[[str], None] | None = None, event_lag: int = 0) -> None:
+        """``event_lag``: how many :meth:`events` calls an event waits before it is returned (the Ray
+        launcher's queue answers a step late); :meth:`caught_up` is False while an attempt's events wait."""
+        self.script, self.hook, self.event_lag = script, hook or (lambda name: None), event_lag
         self._ids = itertools.count()
         self.live: dict[int, list[Step]] = {}  # handle -> steps still to run
         self.payloads: dict[int, TrialPayload] = {}
@@ -55,6 +57,7 @@ class FakeLauncher:
         self.submitted: list[TrialPayload] = []
         self.cancelled: list[TrialPayload] = []
         self.queue: list[Event] = []
+        self._lagging: list[tuple[int, Event]] = []  # (events() calls left to wait, event)
         self.stopped: list[TrialPayload] = []
         self.lost_reason: str | None = None  # set to simulate a lost cluster
         self.closed = False
@@ -88,8 +91,16 @@ class FakeLauncher:
 
     def events(self) -> list[Event]:
         self.hook("events")
-        out, self.queue = self.queue, []
+        self._lagging += [(self.event_lag, e) for e in self.queue]
+        self.queue = []
+        out = [e for wait, e in self._lagging if wait <= 0]
+        self._lagging = [(wait - 1, e) for wait, e in self._lagging if wait > 0]
         return out
+
+    def caught_up(self, handle: int) -> bool:
+        self.hook("caught_up")
+        p = self.payloads[handle]
+        return not any((e.key, e.attempt) == (p.key, p.attempt) for e in self.queue + [e for _, e in self._lagging])
 
     def done(self, handle: int) -> bool:
         self.hook("done")

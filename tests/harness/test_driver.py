@@ -87,6 +87,22 @@ def test_grid_runs_every_cell_once_and_records_it(grid, tmp_path: Path):
         assert r.last_miou == r.metrics["miou"] and r.step == 4
 
 
+def test_events_that_come_after_their_attempt_ended_are_all_recorded(grid, tmp_path: Path):
+    """The Ray launcher's event queue answers a step late: an attempt's last events (final eval, end) may come
+    after its task returned. Every one must reach the run as without lag, and the freed slot is reused at
+    once (the next attempt launches before the ended one is recorded)."""
+    runs = {}
+    for lag in (0, 4):
+        calls: list[str] = []
+        recorder, launcher = MemoryRecorder(), FakeLauncher(hook=calls.append, event_lag=lag)
+        policy, interrupted = _grid(grid, tmp_path / f"lag{lag}", recorder, launcher, limit=1)
+        assert not interrupted and [r.status for r in policy.results] == ["finished"] * 4
+        runs[lag] = {h: sorted(r.metrics) for h, (r,) in recorder.by_hash().items()}
+        assert runs[lag] == runs[0], lag
+        if lag:  # a settling attempt does not hold its slot: submit, then the ended one's outcome
+            assert calls[:calls.index("outcome")].count("submit") == 2
+
+
 @pytest.mark.parametrize("classes, statuses, launches", [
     ({1: "error"}, "finished", 2),  # retried once (max_failures 1)
     ({1: "oom", 2: "killed"}, "failed", 2),  # retries used up

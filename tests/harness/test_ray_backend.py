@@ -59,6 +59,50 @@ def test_shared_storage_is_checked_on_every_node_of_one_host(ray_address: str, t
     assert sorted(probed) == sorted([node["NodeID"], twin["NodeID"]])
 
 
+def _events_within(launcher, timeout_s: float) -> list:
+    """The launcher's events, polled until some come (events() never waits) or ``timeout_s`` passes."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not (got := launcher.events()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return got
+
+
+def test_an_ended_attempt_is_caught_up_only_after_all_its_events(ray_address: str, tmp_path):
+    """events() never waits (one drain always in flight), so a trial's last events may come after its task
+    ended; caught_up() must hold until they did: 30 train events, eval and end of each of 4 reused-worker
+    trivial trials all arrive, in order, before caught_up is True."""
+    import time
+
+    from benchmarks.bench_scale import scale_spec, trivial_train
+    from ddsm.config import to_dict
+    from harness.cells import expand
+    from harness.driver import TrialPayload
+    from harness.ray_backend import ClusterWatch, RayLauncher
+    from harness.spec import Resources, parse_spec
+
+    cells = expand(parse_spec(scale_spec(4, steps=30)))
+    launcher = RayLauncher(Resources(), train_fn=trivial_train, fresh_workers=False, watch=ClusterWatch(None))
+    try:
+        handles = {launcher.submit(TrialPayload(key=c.hash, cell_hash=c.hash, name=c.name, config=to_dict(c.config),
+                                                cell_dir=str(tmp_path / c.hash), attempt=1)): c.hash for c in cells}
+        got: dict[str, list[str]] = {k: [] for k in handles.values()}
+        running, settled, deadline = set(handles), {}, time.monotonic() + 120
+        while len(settled) < len(handles) and time.monotonic() < deadline:
+            running -= set(launcher.wait(list(running), timeout=0.5) if running else [])
+            for e in launcher.events():
+                got[e.key].append(f"{e.kind}{e.step}")
+            for h in set(handles) - running - set(settled):
+                if launcher.caught_up(h):
+                    settled[h] = list(got[handles[h]])
+        want = ["start0", *(f"train{s}" for s in range(1, 31)), "eval30", "end0"]
+        assert set(settled) == set(handles) and all(v == want for v in settled.values()), [v[-3:] for v in settled.values()]
+        assert all(launcher.outcome(h).finished for h in handles)
+    finally:
+        launcher.close()
+
+
 def test_a_killed_event_queue_restarts_and_is_not_a_lost_cluster(ray_address: str):
     """Ray's memory monitor may kill the queue's actor on a host short of memory: the launcher must not
     call that a lost cluster (exit 4); the actor restarts and later events arrive."""
@@ -73,7 +117,7 @@ def test_a_killed_event_queue_restarts_and_is_not_a_lost_cluster(ray_address: st
     launcher = RayLauncher(Resources(), watch=ClusterWatch(None))
     try:
         launcher.queue.put(Event(key="a", attempt=1, kind="train", step=1, metrics={}, time=0.0, info={}))
-        assert [e.key for e in launcher.events()] == ["a"]
+        assert [e.key for e in _events_within(launcher, 30)] == ["a"]
         ray.kill(launcher.queue.actor, no_restart=False)  # the actor's process dies; Ray restarts it
         got: list = []
         deadline = time.monotonic() + 60
