@@ -42,10 +42,12 @@ Diagnostics: every branch keeps the offsets of its last forward; :meth:`DDSM.off
 mean and max magnitude |(dy, dx)| (pixels of x_l for the spatial branch, grid cells for the channel
 branch), which the engine logs at every validation.
 
-Implementation (same results up to float rounding, several times faster on CPU): the branches run
-channels-last and DDSM returns x_l's own layout; the spatial branch rearranges its convs (see
-:meth:`SpatialBranch.forward`); the sampling is :func:`ddsm.models.sampling.dynamic_affinity`'s
-gather path. tests/test_sampling_fast.py checks both branches against the figure written literally.
+Implementation (same results up to float rounding, several times faster on CPU): the spatial branch
+runs channels-last, the channel branch reads the inputs in their own layout, and DDSM returns x_l's
+layout; the spatial branch rearranges its convs (see :meth:`SpatialBranch.forward`, and
+:mod:`ddsm.models.offset_conv` for the offset conv); the sampling is
+:func:`ddsm.models.sampling.dynamic_affinity`'s gather path. tests/ddsm/models/test_sampling_fast.py
+checks both branches against the figure written literally.
 """
 from __future__ import annotations
 
@@ -57,7 +59,8 @@ import torch.nn.functional as F
 
 from ddsm.config import ConfigError
 from ddsm.models.position import PositionEmbedding
-from ddsm.models.precision import at_least_fp32, conv2d_fp32, float32_region
+from ddsm.models.offset_conv import offset_conv_of_concat
+from ddsm.models.precision import conv2d_fp32
 from ddsm.models.sampling import OUT_OF_MAP, dynamic_affinity
 
 BRANCHES = ("spatial", "channel", "dual")
@@ -150,28 +153,6 @@ def to_memory_format(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
     return _ToMemoryFormat.apply(x, fmt)
 
 
-def conv3x3_of_upsampled(x: torch.Tensor, weight: torch.Tensor, *, size: tuple[int, int],
-                         align_corners: bool) -> torch.Tensor:
-    """``conv2d(up(x), weight, padding=1)`` in float32 (under any autocast), with up = bilinear upsampling
-    to ``size``, computed without up(x): x (B, C, h, w), weight (n, C, 3, 3) -> (B, n, H, W).
-
-    Each of the 3x3 taps is a 1x1 conv, and a 1x1 conv commutes with bilinear upsampling (its weights sum
-    to 1): the nine taps run at h x w as one 1x1 conv C -> 9n, their 9n maps are upsampled, and a fixed
-    one-hot grouped 3x3 conv adds each tap shifted by its kernel position, with the same zero padding at
-    the border as the conv on up(x). Equal to the direct form up to float rounding (exact algebra, any
-    ``align_corners``, any size); 4x fewer FLOPs for the taps at a 2x upsampling and no C-channel map at
-    H x W (on CPU: ~25% less time for this half at 64x128, C=128; tests/ddsm/models/test_offsets.py).
-    """
-    n, c = weight.shape[:2]
-    with float32_region(x.device):
-        x = at_least_fp32(x)
-        taps = weight.to(x.dtype).permute(0, 2, 3, 1).reshape(n * 9, c, 1, 1)  # channel o*9 + ky*3 + kx
-        z = F.conv2d(x, taps)  # (B, 9n, h, w)
-        z = F.interpolate(z, size=size, mode="bilinear", align_corners=align_corners)  # (B, 9n, H, W)
-        shift = torch.eye(9, dtype=z.dtype, device=z.device).view(1, 9, 3, 3).repeat(n, 1, 1, 1)  # (n, 9, 3, 3)
-        return F.conv2d(z, shift, padding=1, groups=n)  # (B, n, H, W): sum over taps t of z_t shifted by t
-
-
 def _bound(offsets: torch.Tensor, offset_range: float) -> torch.Tensor:
     return offsets if offset_range <= 0 else offset_range * torch.tanh(offsets / offset_range)
 
@@ -212,8 +193,8 @@ class SpatialBranch(nn.Module):
         result up to float rounding: channels-last maps (faster convs, free row views for sampling);
         query and the x_l half of the key as one 1x1 conv; the up(x_h) half of the key and the value
         at h x w before upsampling (a 1x1 conv commutes with bilinear upsampling, whose weights sum
-        to 1); the offset conv as two convs on x_l and up(x_h) instead of one on their concat, the
-        up(x_h) one as nine 1x1 taps at h x w (:func:`conv3x3_of_upsampled`).
+        to 1); the offset conv as the 1x1 convs of its nine taps, the up(x_h) half's at h x w, added and
+        shift-summed (:mod:`ddsm.models.offset_conv`).
         """
         C, size = x_l.shape[1], x_l.shape[-2:]
         d = self.query.out_channels
@@ -223,9 +204,10 @@ class SpatialBranch(nn.Module):
         qk = F.conv2d(xl, torch.cat([self.query.weight, w_key_l]), torch.cat([self.query.bias, self.key.bias]))
         kv = F.conv2d(xh, torch.cat([w_key_h, self.value.weight]),
                       torch.cat([torch.zeros_like(self.key.bias), self.value.bias]))  # (B, 2d, h, w)
-        kv = F.interpolate(kv, size=size, mode="bilinear", align_corners=self.align_corners)  # (B, 2d, H, W)
         q, k_l = qk.split(d, dim=1)  # split, not slices: one cat in the backward instead of zero-filled copies
-        k_h, v = kv.split(d, dim=1)
+        # split before upsampling: the backward's cat is then at h x w (at 64x128: 19 -> 13 ms fwd+bwd)
+        k_h, v = (F.interpolate(t, size=size, mode="bilinear", align_corners=self.align_corners)
+                  for t in kv.split(d, dim=1))  # (B, d, H, W) each
         k = k_l + k_h  # theta, phi, g: each (B, d, H, W)
         offsets = self._offsets(x_l, x_h)  # (B, 2N, H, W)
         self.last_offsets = offsets.detach()
@@ -234,17 +216,25 @@ class SpatialBranch(nn.Module):
         return self.proj(y)
 
     def _offsets(self, x_l: torch.Tensor, x_h: torch.Tensor) -> torch.Tensor:
-        """The offset conv on concat(x_l, up(x_h)), as two convs (one per half of its input; the up(x_h)
-        half at h x w, :func:`conv3x3_of_upsampled`), bounded, in
-        float32 under any autocast (positions of tens of pixels need more than bf16's 8 mantissa bits);
-        zeros without learned offsets. x_l (B, C, H, W), x_h (B, C, h, w) -> (B, 2N, H, W) float32."""
+        """The offset conv on concat(x_l, up(x_h)) as 1x1 taps (the up(x_h) half at h x w,
+        :func:`ddsm.models.offset_conv.offset_conv_of_concat`), bounded, in float32 under any autocast
+        (positions of tens of pixels need more than bf16's 8 mantissa bits); zeros without learned offsets.
+        x_l (B, C, H, W), x_h (B, C, h, w) -> (B, 2N, H, W) float32."""
         B, C, H, W = x_l.shape
         if self.offset is None:
             return x_l.new_zeros(B, 2 * self.num_points, H, W, dtype=torch.promote_types(x_l.dtype, torch.float32))
-        w_off = self.offset.weight
-        offsets = (conv2d_fp32(x_l, w_off[:, :C], self.offset.bias, padding=1)
-                   + conv3x3_of_upsampled(x_h, w_off[:, C:], size=(H, W), align_corners=self.align_corners))
+        offsets = offset_conv_of_concat(x_l, x_h, self.offset.weight, self.offset.bias, align_corners=self.align_corners)
         return _bound(offsets, self.offset_range)
+
+
+def _pool(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``adaptive_avg_pool2d(x, size)``: x (B, C, H, W) -> (B, C, size, size). When size divides H and W, as
+    block means of a view: the backward is then a broadcast that the gradient sum takes in one pass, where
+    CPU's adaptive pooling backward zero-fills a full-size map first (12 ms at 64x128, C=128, batch 2)."""
+    B, C, H, W = x.shape
+    if H % size or W % size:
+        return F.adaptive_avg_pool2d(x, size)
+    return x.reshape(B, C, size, H // size, size, W // size).mean(dim=(3, 5))  # (B, C, a, H/a, a, W/a) -> (B, C, a, a)
 
 
 class ChannelBranch(nn.Module):
@@ -286,8 +276,7 @@ class ChannelBranch(nn.Module):
         """x_l (B, C, H, W), x_h (B, C, h, w) -> (B, C, H, W) (channels-last strides)."""
         B, _, H, W = x_l.shape
         h, w = x_h.shape[-2:]
-        pl = F.adaptive_avg_pool2d(x_l, self.pooled_size)  # (B, C, a, a)
-        ph = F.adaptive_avg_pool2d(x_h, self.pooled_size)  # (B, C, a, a)
+        pl, ph = _pool(x_l, self.pooled_size), _pool(x_h, self.pooled_size)  # (B, C, a, a) each
         q = self._to_grid(self.query(pl))  # (B, a^2, s, s)
         k = self._to_grid(self.key(torch.cat([pl, ph], dim=1)))  # (B, a^2, s, s)
         v = self._to_grid(to_memory_format(self.value(x_h), torch.contiguous_format))  # (B, hw, s, s)
@@ -342,18 +331,20 @@ class DDSM(nn.Module):
     def forward(self, x_l: torch.Tensor, x_h: torch.Tensor) -> torch.Tensor:
         """x_l (B, C, H, W), x_h (B, C, h, w) -> fused (B, C, H, W), in x_l's memory format."""
         fmt = _memory_format(x_l)
-        # both branches run channels-last (faster convs, row views for the sampling): convert once, and
-        # convert back at the end so that the rest of the network keeps its own layout
-        x_l, x_h = (to_memory_format(x, torch.channels_last) for x in (x_l, x_h))
-        parts = [x_l]
+        # the spatial branch runs channels-last (faster convs, row views for the sampling): convert once, and
+        # convert back at the end so that the rest of the network keeps its own layout. The channel branch
+        # reads the inputs as they come: it pools them, and CPU's adaptive pooling backward is ~5x slower
+        # on channels-last maps (12.6 vs 2.5 ms at 64x128, C=128, batch 2)
+        cl_l, cl_h = (to_memory_format(x, torch.channels_last) for x in (x_l, x_h))
+        parts = [cl_l]
         if self.spatial is not None:
-            parts.append(self.spatial(x_l, x_h))
+            parts.append(self.spatial(cl_l, cl_h))
         if self.channel is not None:
             parts.append(self.channel(x_l, x_h))
         if self.merge is not None:
             return to_memory_format(self.merge(torch.cat(parts, dim=1)), fmt)
         out = parts[1]  # a fresh branch output that its backward does not read: safe to add into in place
-        for part in (*parts[2:], x_l):
+        for part in (*parts[2:], cl_l):
             out = out.add_(part)
         return to_memory_format(out, fmt)
 

@@ -39,7 +39,7 @@ Two implementations of :func:`dynamic_affinity` (``impl``):
   (:class:`SampledAffinity`). It never materialises the (B, N, C, H, W) sampled keys or values, so
   memory stays O(B C H W + B N H W) and the CPU time is a few passes over the feature maps.
 - ``grid_sample``: the direct reading of the figure with ``F.grid_sample`` and autograd; the
-  reference the fast path is tested against (tests/test_sampling_fast.py), kept for benchmarks.
+  reference the fast path is tested against (tests/ddsm/models/test_sampling_fast.py), kept for benchmarks.
 
 Which one the model uses (``impl=None``) is chosen per device type by :func:`default_impl`: the
 ``DDSM_SAMPLING_IMPL`` environment variable (``grid_sample`` for every device, or per device type:

@@ -1,16 +1,59 @@
-"""The spatial branch's offset conv: its up(x_h) half computed at h x w equals the conv on up(x_h)."""
+"""The spatial branch's offset conv as 1x1 taps: the shift-sum, the up(x_h) half at h x w, the whole conv on the concat."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ddsm.models.ddsm import SpatialBranch, conv3x3_of_upsampled
+from ddsm.models.ddsm import SpatialBranch
+from ddsm.models.offset_conv import conv3x3_of_upsampled, offset_conv_of_concat, shift_sum
 
 
 def _direct(x: torch.Tensor, weight: torch.Tensor, size: tuple[int, int], align_corners: bool) -> torch.Tensor:
     up = F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)  # (B, C, H, W)
     return F.conv2d(up, weight, padding=1)
+
+
+@pytest.mark.parametrize("size", [(5, 7), (1, 4), (3, 1), (1, 1)])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_shift_sum_is_the_grouped_one_hot_conv(size, channels_last):
+    """Known answer: a tap map that is 1 at one pixel lands at that pixel minus the tap's offset; and the
+    whole op (forward, gradient) equals the grouped 3x3 conv with one-hot kernels, borders included."""
+    n, t = 2, 0  # tap 0 = (ky, kx) = (0, 0): out(y, x) reads in(y - 1, x - 1)
+    one = torch.zeros(1, 9 * n, 3, 3, dtype=torch.float64)
+    one[0, t * n + 1, 1, 1] = 1.0
+    hit = shift_sum(one, n)
+    assert hit.shape == (1, n, 3, 3) and hit.sum() == 1 and hit[0, 1, 2, 2] == 1
+    torch.manual_seed(0)
+    taps = torch.randn(2, 9 * n, *size, dtype=torch.float64)
+    if channels_last:
+        taps = taps.contiguous(memory_format=torch.channels_last)
+    taps.requires_grad_()
+    o_major = taps.view(2, 9, n, *size).transpose(1, 2).reshape(2, 9 * n, *size)  # channel o*9 + t
+    one_hot = torch.eye(9, dtype=torch.float64).view(9, 3, 3).repeat(n, 1, 1)[:, None]  # (9n, 1, 3, 3)
+    ref = F.conv2d(o_major, one_hot.view(n, 9, 3, 3), padding=1, groups=n)
+    ours = shift_sum(taps, n)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(ours, taps, g)[0], torch.autograd.grad(ref, taps, g)[0],
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize(("low", "size"), [((4, 6), (8, 12)), ((3, 5), (7, 9)), ((1, 2), (3, 5))])
+def test_offset_conv_of_concat_equals_the_conv_on_the_concat(low, size, align_corners):
+    torch.manual_seed(2)
+    x_l = torch.randn(2, 5, *size, dtype=torch.float64, requires_grad=True)
+    x_h = torch.randn(2, 5, *low, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 10, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    ours = offset_conv_of_concat(x_l, x_h, w, b, align_corners=align_corners)
+    up = F.interpolate(x_h, size=size, mode="bilinear", align_corners=align_corners)
+    ref = F.conv2d(torch.cat([x_l, up], dim=1), w, b, padding=1)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    for a, r in zip(torch.autograd.grad(ours, (x_l, x_h, w, b), g), torch.autograd.grad(ref, (x_l, x_h, w, b), g)):
+        torch.testing.assert_close(a, r, rtol=1e-11, atol=1e-11)
 
 
 @pytest.mark.parametrize("align_corners", [True, False])

@@ -161,3 +161,21 @@ def test_branches_equal_the_figure_written_literally(make, reference):
         results.append((out, *grads))
     for fast, ref in zip(*results):
         torch.testing.assert_close(fast, ref, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("size", [(16, 24), (10, 13), (4, 4)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channel_branch_pooling_is_adaptive_average_pooling(size, channels_last):
+    """The block-mean pooling (when the pooled size divides the map) and its gradient equal
+    ``adaptive_avg_pool2d``; a size that does not divide falls back to it."""
+    from ddsm.models.ddsm import _pool
+
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    ours, ref = _pool(x, 4), F.adaptive_avg_pool2d(x, 4)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0],
+                               rtol=1e-12, atol=1e-12)

@@ -156,16 +156,18 @@ def test_dynamic_affinity_flops_match_formula():
 
 def test_ddsm_spatial_branch_flops_match_formula():
     """As ddsm.py computes it: [query | key_l] 1x1 conv on x_l, [key_h | value] 1x1 conv on x_h then upsampled;
-    the offset conv's x_l half a 3x3 conv, its up(x_h) half nine 1x1 taps on x_h, upsampled, shift-added."""
+    the offset conv as nine 1x1 taps of each half (the up(x_h) half's on x_h, upsampled), added, shift-summed
+    (eight strided adds: every tap but the centre one, over the pixels it reaches), plus the bias."""
     B, C, H, W, h, w, N = 2, 16, 12, 10, 6, 5, 9
-    d, P = C // 2, B * H * W  # inner_ratio 0.5
+    d, P, n = C // 2, B * H * W, 2 * N  # inner_ratio 0.5
     branch = SpatialBranch(C, num_points=N, inner_ratio=0.5, pos_embed="sine")
     report = count_flops(branch, (torch.randn(B, C, H, W), torch.randn(B, C, h, w)))
-    offsets = 2 * P * C * 9 * 2 * N + 2 * B * h * w * C * 9 * 2 * N + 2 * P * 2 * N * 9 * 9  # x_l half, taps, shift
+    shift = sum(B * (H - abs(t // 3 - 1)) * (W - abs(t % 3 - 1)) * n for t in range(9) if t != 4)
+    offsets = 2 * P * C * 9 * n + 2 * B * h * w * C * 9 * n + shift  # taps of x_l, taps of x_h, shift-sum
     convs = 2 * P * C * 2 * d + 2 * B * h * w * C * 2 * d + offsets + 2 * P * d * C  # qk, kv, offsets, proj
     pos_embed = B * C * H * W + B * C * h * w  # x + e on both inputs
-    upsample = 8 * B * 2 * d * H * W + 8 * B * 9 * 2 * N * H * W  # up(kv) and up(taps) for the offsets, bilinear
-    adds = B * d * H * W + B * 2 * N * H * W  # k_l + k_h, the two offset convs
+    upsample = 8 * B * 2 * d * H * W + 8 * B * 9 * n * H * W  # up(kv) and up(taps) for the offsets, bilinear
+    adds = B * d * H * W + B * 9 * n * H * W + P * n  # k_l + k_h, the two halves' taps, the offset bias
     expected = convs + pos_embed + upsample + adds + affinity_flops(B, H, W, N, d, d)
     assert report.uncounted_ops == []
     assert report.total_flops == pytest.approx(expected, rel=0.01)
