@@ -24,24 +24,26 @@ __all__ = ["conv3x3_of_upsampled", "offset_conv_of_concat", "shift_sum"]
 
 
 def _taps(weight: torch.Tensor) -> torch.Tensor:
-    """A 3x3 conv weight (n, C, 3, 3) as the 1x1 conv (9n, C, 1, 1) of its taps, tap-major: channel t*n + o
-    is output o's tap t = ky*3 + kx (so each tap's n channels are adjacent in a channels-last map)."""
+    """A 3x3 conv weight (n, C, 3, 3) as the 1x1 conv (9n, C, 1, 1) of its taps, tap-major and in reversed
+    kernel order: channel s*n + o is output o's tap at kernel position (ky, kx) = (2 - s // 3, 2 - s % 3), so
+    each tap's n channels are adjacent in a channels-last map and the backward is one strided view."""
     n, c = weight.shape[:2]
-    return weight.permute(2, 3, 0, 1).reshape(9 * n, c, 1, 1)
+    return weight.flip(2, 3).permute(2, 3, 0, 1).reshape(9 * n, c, 1, 1)
 
 
-def _window(tap: int, height: int, width: int) -> tuple[slice, slice, slice, slice]:
-    """For tap t (kernel offset dy, dx = t // 3 - 1, t % 3 - 1): the output rows/columns that read it and the
-    input rows/columns they read (out[y, x] += in[y + dy, x + dx] where both lie on the map)."""
-    dy, dx = tap // 3 - 1, tap % 3 - 1
+def _window(slot: int, height: int, width: int) -> tuple[slice, slice, slice, slice]:
+    """For the tap in slot s (reading the input at offset dy, dx = 1 - s // 3, 1 - s % 3): the output
+    rows/columns that read it and the input rows/columns they read (out[y, x] += in[y + dy, x + dx] where
+    both lie on the map)."""
+    dy, dx = 1 - slot // 3, 1 - slot % 3
     out_y, out_x = slice(max(0, -dy), height - max(0, dy)), slice(max(0, -dx), width - max(0, dx))
     in_y, in_x = slice(max(0, dy), height + min(0, dy)), slice(max(0, dx), width + min(0, dx))
     return out_y, out_x, in_y, in_x
 
 
 class _ShiftSum(torch.autograd.Function):
-    """out[o](y, x) = sum_t taps[t*n + o](y + dy_t, x + dx_t), zero outside: a grouped 3x3 conv with one-hot
-    kernels, as nine strided adds (forward) and nine strided copies (backward) on channels-last rows."""
+    """out[o](y, x) = sum_s taps[s*n + o](y + dy_s, x + dx_s), zero outside: a grouped 3x3 conv with one-hot
+    kernels, as eight strided adds on channels-last rows (forward) and one copy of a strided view (backward)."""
 
     @staticmethod
     def forward(ctx, taps: torch.Tensor, n: int) -> torch.Tensor:
@@ -49,36 +51,30 @@ class _ShiftSum(torch.autograd.Function):
         B, _, H, W = taps.shape
         rows = taps.permute(0, 2, 3, 1).reshape(B, H, W, 9, n)  # (B, H, W, 9, n); a view when channels-last
         out = rows[:, :, :, 4].clone()  # the centre tap reads every pixel
-        for t in (0, 1, 2, 3, 5, 6, 7, 8):
-            oy, ox, iy, ix = _window(t, H, W)
-            out[:, oy, ox] += rows[:, iy, ix, t]
+        for s in (0, 1, 2, 3, 5, 6, 7, 8):
+            oy, ox, iy, ix = _window(s, H, W)
+            out[:, oy, ox] += rows[:, iy, ix, s]
         ctx.n = n
         return out.permute(0, 3, 1, 2)  # (B, n, H, W)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        """d taps[t] (y', x') = grad (y' - dy_t, x' - dx_t) where that lies on the map, else 0."""
+        """d taps[s](y', x') = grad(y' - dy_s, x' - dx_s) (0 off the map) = padded grad(y' + a, x' + c) with
+        (a, c) = (s // 3, s % 3): the 3x3 windows of the zero-padded gradient, one strided view."""
         n = ctx.n
         B, _, H, W = grad.shape
-        g = grad.permute(0, 2, 3, 1)  # (B, H, W, n)
-        out = grad.new_empty(B, H, W, 9, n)
-        for t in range(9):
-            oy, ox, iy, ix = _window(t, H, W)
-            dst = out[:, :, :, t]  # (B, H, W, n)
-            dst[:, iy, ix] = g[:, oy, ox]
-            dy, dx = t // 3 - 1, t % 3 - 1
-            if dy:  # the row this tap never reads
-                dst[:, H - 1 if dy < 0 else 0] = 0
-            if dx:
-                dst[:, :, W - 1 if dx < 0 else 0] = 0
-        return out.view(B, H, W, 9 * n).permute(0, 3, 1, 2), None  # (B, 9n, H, W), channels-last
+        padded = F.pad(grad.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (B, H + 2, W + 2, n), contiguous
+        sb, sy, sx, so = padded.stride()
+        windows = padded.as_strided((B, H, W, 3, 3, n), (sb, sy, sx, sy, sx, so))  # [b, y, x, a, c] = padded[b, y+a, x+c]
+        out = windows.reshape(B, H, W, 9 * n)  # (B, H, W, 9n): one copy
+        return out.permute(0, 3, 1, 2), None  # (B, 9n, H, W), channels-last
 
 
 def shift_sum(taps: torch.Tensor, n: int) -> torch.Tensor:
     """Sum the nine tap maps of a 3x3 conv, each shifted by its kernel position (zero padding 1):
-    taps (B, 9n, H, W) tap-major (channel t*n + o, t = ky*3 + kx) -> (B, n, H, W), channels-last strides.
-    Equal to ``F.conv2d(taps_o_major, one_hot, padding=1, groups=n)``."""
+    taps (B, 9n, H, W) in :func:`_taps`' order (channel s*n + o: kernel position (2 - s // 3, 2 - s % 3))
+    -> (B, n, H, W), channels-last strides. Equal to the grouped conv with one-hot kernels of that order."""
     return _ShiftSum.apply(taps, n)
 
 

@@ -19,18 +19,18 @@ def _direct(x: torch.Tensor, weight: torch.Tensor, size: tuple[int, int], align_
 def test_shift_sum_is_the_grouped_one_hot_conv(size, channels_last):
     """Known answer: a tap map that is 1 at one pixel lands at that pixel minus the tap's offset; and the
     whole op (forward, gradient) equals the grouped 3x3 conv with one-hot kernels, borders included."""
-    n, t = 2, 0  # tap 0 = (ky, kx) = (0, 0): out(y, x) reads in(y - 1, x - 1)
+    n, s = 2, 0  # slot 0 = kernel position (ky, kx) = (2, 2): out(y, x) reads in(y + 1, x + 1)
     one = torch.zeros(1, 9 * n, 3, 3, dtype=torch.float64)
-    one[0, t * n + 1, 1, 1] = 1.0
+    one[0, s * n + 1, 1, 1] = 1.0
     hit = shift_sum(one, n)
-    assert hit.shape == (1, n, 3, 3) and hit.sum() == 1 and hit[0, 1, 2, 2] == 1
+    assert hit.shape == (1, n, 3, 3) and hit.sum() == 1 and hit[0, 1, 0, 0] == 1
     torch.manual_seed(0)
     taps = torch.randn(2, 9 * n, *size, dtype=torch.float64)
     if channels_last:
         taps = taps.contiguous(memory_format=torch.channels_last)
     taps.requires_grad_()
-    o_major = taps.view(2, 9, n, *size).transpose(1, 2).reshape(2, 9 * n, *size)  # channel o*9 + t
-    one_hot = torch.eye(9, dtype=torch.float64).view(9, 3, 3).repeat(n, 1, 1)[:, None]  # (9n, 1, 3, 3)
+    o_major = taps.view(2, 9, n, *size).transpose(1, 2).reshape(2, 9 * n, *size)  # channel o*9 + s
+    one_hot = torch.eye(9, dtype=torch.float64).view(9, 3, 3).flip(1, 2).repeat(n, 1, 1)[:, None]  # slot s at (2-s//3, 2-s%3)
     ref = F.conv2d(o_major, one_hot.view(n, 9, 3, 3), padding=1, groups=n)
     ours = shift_sum(taps, n)
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
