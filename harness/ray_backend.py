@@ -49,6 +49,7 @@ __all__ = ["ClusterWatch", "Connection", "EventQueue", "LOST_AFTER_S", "RayLaunc
 # Seconds without an answer from the head before the cluster counts as lost (must stay well under the 60 s
 # after which Ray's core worker ends a driver that lost its GCS); DDSM_BENCH_CLUSTER_LOST_S overrides it.
 LOST_AFTER_S = float(os.environ.get("DDSM_BENCH_CLUSTER_LOST_S", "15"))
+DRAIN_EVERY_S = 0.05  # pause between two drains of the event queue (harness.ray_backend._Drainer)
 
 
 # ============================================================================ the cluster
@@ -489,6 +490,61 @@ class EventQueue:
         ray.kill(self.actor)
 
 
+class _Drainer:
+    """Empties an :class:`EventQueue` from a background thread into an in-process inbox, so the driver's loop
+    never waits for the queue's actor: on 2 cores shared with 16 trials one drain call took ~60-90 ms, most
+    of the loop's time when it was made from the loop. A drain is sent :data:`DRAIN_EVERY_S` after the last
+    one was read; events reach the inbox within that plus one round trip (what a driver killed outright can
+    lose of them is no more than that). Counts the drains sent and read, for :meth:`RayLauncher.caught_up`."""
+
+    def __init__(self, queue: EventQueue) -> None:
+        self.queue = queue
+        self.lock = threading.Lock()
+        self.inbox: list[Event] = []
+        self.sent = self.read = 0  # drains sent / read (the actor answers them in order)
+        self.end_seen: set[tuple[str, int]] = set()  # (key, attempt) of every end event read
+        self.unavailable_since: float | None = None  # the actor has not answered since (restarting, or gone)
+        self.error: BaseException | None = None  # the last error of a drain
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="ddsm-bench-events", daemon=True)
+        self._thread.start()
+
+    def take(self) -> list[Event]:
+        """Every event read since the last call, in order."""
+        with self.lock:
+            out, self.inbox = self.inbox, []
+        return out
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop draining (the drain in flight is waited for at most ``timeout``)."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        ref, number = None, 0
+        while not self._stop.wait(DRAIN_EVERY_S if ref is None else 0.0):
+            if not ray.is_initialized():  # shut down under us: a Ray call now would start a new local instance
+                return
+            try:
+                if ref is None:
+                    with self.lock:
+                        ref, number = self.queue.actor.drain.remote(), self.sent
+                        self.sent += 1
+                batch = ray.get(ref, timeout=1.0)
+            except ray.exceptions.GetTimeoutError:  # a busy node: wait for the same drain
+                continue
+            except Exception as e:  # noqa: BLE001 - restarting or gone: the driver decides when that is a loss
+                ref = None
+                with self.lock:
+                    self.unavailable_since, self.error = self.unavailable_since or time.monotonic(), e
+                continue
+            ref = None
+            with self.lock:
+                self.inbox.extend(batch)
+                self.end_seen.update((e.key, e.attempt) for e in batch if e.kind == "end")
+                self.read, self.unavailable_since = number + 1, None
+
+
 class RayLauncher:
     """:class:`harness.driver.Launcher` on the connected Ray cluster; handles are ObjectRefs."""
 
@@ -506,12 +562,9 @@ class RayLauncher:
         self.queue = EventQueue(ray.get_runtime_context().get_node_id())  # lives (and dies) with this node
         self.watch = watch if watch is not None else ClusterWatch(_gcs_address())
         self._lost: str | None = None
-        self._batch: Any = None  # an ObjectRef of the drain in flight: events taken off the queue, not read yet
-        self._drains_sent = self._drains_read = 0  # drains submitted / read (the actor answers them in order)
+        self._drainer = _Drainer(self.queue)
         self._ended_at: dict[Any, int] = {}  # handle -> drains sent when wait() saw it end
-        self._attempts: dict[Any, tuple[str, int]] = {}  # handle -> (key, attempt), until caught up
-        self._end_seen: set[tuple[str, int]] = set()  # attempts whose end event events() returned
-        self._unavailable_since: float | None = None  # the queue's actor has not answered since
+        self._attempts: dict[Any, tuple[str, int]] = {}  # handle -> (key, attempt), until its outcome is read
 
     def submit(self, payload: TrialPayload) -> Any:
         """Start one attempt: a trial task, or a DDP launcher task; return its ObjectRef."""
@@ -541,51 +594,34 @@ class RayLauncher:
         except (ray.exceptions.RaySystemError, ConnectionError) as e:
             self._lose(e)
             return []
-        for handle in ready:
-            self._ended_at.setdefault(handle, self._drains_sent)
+        with self._drainer.lock:
+            for handle in ready:
+                self._ended_at.setdefault(handle, self._drainer.sent)
         return ready
 
     def events(self) -> list[Event]:
-        """The events of the last drain of the queue, if it has answered, else none; never waits.
-
-        One drain is always in flight: it is sent as soon as the previous one is read, so the actor answers
-        it while the driver waits for trials, and reading it costs no round trip (which, with 16 trials on
-        2 cores, was ~60-90 ms per step). Events put after the drain was served come with the next one:
-        :meth:`caught_up` says when an ended attempt has none left on the way.
-        """
-        try:
-            if self._batch is None:  # the first call, or the drain before failed
-                self._send_drain()
-            answered, _ = ray.wait([self._batch], timeout=0)
-            if not answered:  # a busy node: the events come with a later call
-                return []
-            batch = ray.get(self._batch)
-        except (ray.exceptions.RayError, ConnectionError) as e:  # restarting, or gone: lost if it stays so
-            self._batch = None
-            self._unavailable_since = self._unavailable_since or time.monotonic()
-            if time.monotonic() - self._unavailable_since >= self.watch.lost_after_s:
-                self._lose(e, what="the driver's event queue (on the driver's node) stopped answering")
-            return []
-        self._batch, self._drains_read, self._unavailable_since = None, self._drains_sent, None
-        with suppress(ray.exceptions.RayError, ConnectionError):  # else the next call sends it
-            self._send_drain()
-        self._end_seen.update((e.key, e.attempt) for e in batch if e.kind == "end")
-        return list(batch)
-
-    def _send_drain(self) -> None:
-        self._batch, self._drains_sent = self.queue.actor.drain.remote(), self._drains_sent + 1
+        """Every event the background drain (:class:`_Drainer`) read since the last call; never waits. The
+        cluster counts as lost when the queue's actor has not answered for ``lost_after_s``."""
+        d = self._drainer
+        since = d.unavailable_since
+        if since is not None and time.monotonic() - since >= self.watch.lost_after_s and d.error is not None:
+            self._lose(d.error, what="the driver's event queue (on the driver's node) stopped answering")
+        return d.take()
 
     def caught_up(self, handle: Any) -> bool:
-        """Whether the ended attempt's events have all been returned: its ``end`` event came (a trial's puts are
-        acknowledged one by one, so the actor has every earlier one before it), or a drain sent after the task
-        ended was read (a crashed worker sends no ``end``)."""
-        ended_at = self._ended_at.setdefault(handle, self._drains_sent)
-        return self._attempts.get(handle) in self._end_seen or self._drains_read > ended_at
+        """Whether the ended attempt's events have all been returned: its ``end`` event was read (a trial's puts
+        are acknowledged one by one, so the actor had every earlier one before it), or a drain sent after the
+        task ended was (a crashed worker sends no ``end``)."""
+        d = self._drainer
+        with d.lock:
+            ended_at = self._ended_at.setdefault(handle, d.sent)
+            return self._attempts.get(handle) in d.end_seen or d.read > ended_at
 
     def _forget(self, handle: Any) -> None:
         """Drop what caught_up kept of an attempt whose outcome was read (or that was cancelled)."""
-        self._ended_at.pop(handle, None)
-        self._end_seen.discard(self._attempts.pop(handle, None))
+        with self._drainer.lock:
+            self._ended_at.pop(handle, None)
+            self._drainer.end_seen.discard(self._attempts.pop(handle, None))
 
     def done(self, handle: Any) -> bool:
         """Whether the task returned (or failed)."""
@@ -618,6 +654,7 @@ class RayLauncher:
     def close(self) -> None:
         """Stop watching; remove the event queue's actor (not on a lost cluster: nothing answers there)."""
         self.watch.close()
+        self._drainer.close(timeout=2.0 if self.lost() else 5.0)  # a drain's get returns within 1 s
         if not self.lost():
             self.queue.shutdown()
 

@@ -70,8 +70,8 @@ def _events_within(launcher, timeout_s: float) -> list:
 
 
 def test_an_ended_attempt_is_caught_up_only_after_all_its_events(ray_address: str, tmp_path):
-    """events() never waits (one drain always in flight), so a trial's last events may come after its task
-    ended; caught_up() must hold until they did: 30 train events, eval and end of each of 4 reused-worker
+    """events() never waits (a background thread drains the queue), so a trial's last events may come after its
+    task ended; caught_up() must hold until they did: 30 train events, eval and end of each of 4 reused-worker
     trivial trials all arrive, in order, before caught_up is True."""
     import time
 
