@@ -501,8 +501,9 @@ class _Drainer:
         self.queue = queue
         self.lock = threading.Lock()
         self.inbox: list[Event] = []
-        self.sent = self.read = 0  # drains sent / read (the actor answers them in order)
-        self.end_seen: set[tuple[str, int]] = set()  # (key, attempt) of every end event read
+        self.sent = self.read = 0  # drains sent / returned by take() (the actor answers them in order)
+        self.end_seen: set[tuple[str, int]] = set()  # (key, attempt) of every end event take() returned
+        self._read_pending, self._end_pending = 0, set()  # read by the thread, not returned by take() yet
         self.unavailable_since: float | None = None  # the actor has not answered since (restarting, or gone)
         self.error: BaseException | None = None  # the last error of a drain
         self._stop = threading.Event()
@@ -510,9 +511,13 @@ class _Drainer:
         self._thread.start()
 
     def take(self) -> list[Event]:
-        """Every event read since the last call, in order."""
+        """Every event read since the last call, in order. What caught_up counts (drains read, end events seen)
+        moves on here, with the events returned, not when the thread reads them."""
         with self.lock:
             out, self.inbox = self.inbox, []
+            self.read = max(self.read, self._read_pending)
+            self.end_seen |= self._end_pending
+            self._end_pending = set()
         return out
 
     def close(self, timeout: float = 5.0) -> None:
@@ -541,8 +546,8 @@ class _Drainer:
             ref = None
             with self.lock:
                 self.inbox.extend(batch)
-                self.end_seen.update((e.key, e.attempt) for e in batch if e.kind == "end")
-                self.read, self.unavailable_since = number + 1, None
+                self._end_pending.update((e.key, e.attempt) for e in batch if e.kind == "end")
+                self._read_pending, self.unavailable_since = number + 1, None
 
 
 class RayLauncher:
