@@ -42,9 +42,10 @@ Diagnostics: every branch keeps the offsets of its last forward; :meth:`DDSM.off
 mean and max magnitude |(dy, dx)| (pixels of x_l for the spatial branch, grid cells for the channel
 branch), which the engine logs at every validation.
 
-Implementation (same results up to float rounding, several times faster on CPU): the spatial branch
-runs channels-last, the channel branch reads the inputs in their own layout, and DDSM returns x_l's
-layout; the spatial branch rearranges its convs (see :meth:`SpatialBranch.forward`, and
+Implementation (same results up to float rounding, several times faster on CPU): both branches read
+the inputs in their own layout (NCHW or channels-last) and return x_l's; inside, the spatial branch
+samples channels-last rows, which its 1x1 convs write directly (:mod:`ddsm.models.projection`), and it
+rearranges its convs (see :meth:`SpatialBranch.forward`, and
 :mod:`ddsm.models.offset_conv` for the offset conv); the sampling is
 :func:`ddsm.models.sampling.dynamic_affinity`'s gather path. tests/ddsm/models/test_sampling_fast.py
 checks both branches against the figure written literally.
@@ -61,6 +62,7 @@ from ddsm.config import ConfigError
 from ddsm.models.position import PositionEmbedding
 from ddsm.models.offset_conv import offset_conv_of_concat
 from ddsm.models.precision import conv2d_fp32
+from ddsm.models.projection import conv1x1, memory_format
 from ddsm.models.sampling import OUT_OF_MAP, dynamic_affinity
 
 BRANCHES = ("spatial", "channel", "dual")
@@ -113,7 +115,7 @@ class _ToMemoryFormat(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
         """Return x in memory format ``fmt`` (x itself if it already is)."""
-        ctx.fmt = _memory_format(x)
+        ctx.fmt = memory_format(x)
         return _relayout(x, fmt)
 
     @staticmethod
@@ -139,12 +141,6 @@ def _relayout(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
             out[b].copy_(x[b].permute(1, 2, 0).reshape(H * W, C).t())
         return out.view(B, C, H, W)
     return x.contiguous(memory_format=fmt)
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last if x is stored NHWC (and not also NCHW-contiguous), else contiguous_format."""
-    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if cl else torch.contiguous_format
 
 
 def to_memory_format(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
@@ -187,23 +183,25 @@ class SpatialBranch(nn.Module):
         self.proj = nn.Conv2d(d, channels, 1)
 
     def forward(self, x_l: torch.Tensor, x_h: torch.Tensor) -> torch.Tensor:
-        """x_l (B, C, H, W), x_h (B, C, h, w) -> (B, C, H, W) (channels-last strides).
+        """x_l (B, C, H, W), x_h (B, C, h, w), NCHW or channels-last -> (B, C, H, W) in x_l's layout.
 
         Computed as the figure draws it, rearranged for speed with the same parameters and the same
-        result up to float rounding: channels-last maps (faster convs, free row views for sampling);
-        query and the x_l half of the key as one 1x1 conv; the up(x_h) half of the key and the value
-        at h x w before upsampling (a 1x1 conv commutes with bilinear upsampling, whose weights sum
-        to 1); the offset conv as the 1x1 convs of its nine taps, the up(x_h) half's at h x w, added and
+        result up to float rounding: the 1x1 convs read the inputs in their own layout and write
+        channels-last rows, which the sampling reads, and the output projection writes x_l's layout
+        (:func:`ddsm.models.projection.conv1x1`: no relayout of a whole map at either end); query and
+        the x_l half of the key as one 1x1 conv; the up(x_h) half of the key and the value at h x w
+        before upsampling (a 1x1 conv commutes with bilinear upsampling, whose weights sum to 1); the
+        offset conv as the 1x1 convs of its nine taps, the up(x_h) half's at h x w, added and
         shift-summed (:mod:`ddsm.models.offset_conv`).
         """
         C, size = x_l.shape[1], x_l.shape[-2:]
         d = self.query.out_channels
-        x_l, x_h = (to_memory_format(x, torch.channels_last) for x in (x_l, x_h))
         xl, xh = self.pos_l(x_l), self.pos_h(x_h)  # (B, C, H, W), (B, C, h, w)
         w_key_l, w_key_h = self.key.weight[:, :C], self.key.weight[:, C:]
-        qk = F.conv2d(xl, torch.cat([self.query.weight, w_key_l]), torch.cat([self.query.bias, self.key.bias]))
-        kv = F.conv2d(xh, torch.cat([w_key_h, self.value.weight]),
-                      torch.cat([torch.zeros_like(self.key.bias), self.value.bias]))  # (B, 2d, h, w)
+        qk = conv1x1(xl, torch.cat([self.query.weight, w_key_l]), torch.cat([self.query.bias, self.key.bias]),
+                     channels_last=True)  # (B, 2d, H, W) rows
+        kv = conv1x1(xh, torch.cat([w_key_h, self.value.weight]),
+                     torch.cat([torch.zeros_like(self.key.bias), self.value.bias]), channels_last=True)  # (B, 2d, h, w)
         q, k_l = qk.split(d, dim=1)  # split, not slices: one cat in the backward instead of zero-filled copies
         # split before upsampling: the backward's cat is then at h x w (at 64x128: 19 -> 13 ms fwd+bwd)
         k_h, v = (F.interpolate(t, size=size, mode="bilinear", align_corners=self.align_corners)
@@ -212,8 +210,8 @@ class SpatialBranch(nn.Module):
         offsets = self._offsets(x_l, x_h)  # (B, 2N, H, W)
         self.last_offsets = offsets.detach()
         y = dynamic_affinity(q, k, v, offsets, num_points=self.num_points, out_of_map=self.out_of_map,
-                             dilation=self.grid_dilation)  # (B, d, H, W)
-        return self.proj(y)
+                             dilation=self.grid_dilation)  # (B, d, H, W) rows
+        return conv1x1(y, self.proj.weight, self.proj.bias, channels_last=memory_format(x_l) == torch.channels_last)
 
     def _offsets(self, x_l: torch.Tensor, x_h: torch.Tensor) -> torch.Tensor:
         """The offset conv on concat(x_l, up(x_h)) as 1x1 taps (the up(x_h) half at h x w,
@@ -275,7 +273,7 @@ class ChannelBranch(nn.Module):
         return x.reshape(B, self.side, self.side, h * w).permute(0, 3, 1, 2)  # (B, hw, s, s)
 
     def forward(self, x_l: torch.Tensor, x_h: torch.Tensor) -> torch.Tensor:
-        """x_l (B, C, H, W), x_h (B, C, h, w) -> (B, C, H, W) (channels-last strides)."""
+        """x_l (B, C, H, W), x_h (B, C, h, w) -> (B, C, H, W) in x_l's layout (NCHW or channels-last)."""
         B, _, H, W = x_l.shape
         h, w = x_h.shape[-2:]
         pl, ph = _pool(x_l, self.pooled_size), _pool(x_h, self.pooled_size)  # (B, C, a, a) each
@@ -288,7 +286,7 @@ class ChannelBranch(nn.Module):
         z = z.permute(0, 2, 3, 1).reshape(B, -1, h, w)  # (B, s, s, hw) -> (B, c, h, w), grid order
         if self.inverse_perm is not None:
             z = z.index_select(1, self.inverse_perm)  # back to channel order: channel j from cell inverse_perm[j]
-        z = to_memory_format(self.proj(z), torch.channels_last)  # small here; the upsampled map is not
+        z = to_memory_format(self.proj(z), memory_format(x_l))  # small here; the upsampled map is not
         return F.interpolate(z, size=(H, W), mode="bilinear", align_corners=self.align_corners)
 
 
@@ -332,23 +330,20 @@ class DDSM(nn.Module):
 
     def forward(self, x_l: torch.Tensor, x_h: torch.Tensor) -> torch.Tensor:
         """x_l (B, C, H, W), x_h (B, C, h, w) -> fused (B, C, H, W), in x_l's memory format."""
-        fmt = _memory_format(x_l)
-        # the spatial branch runs channels-last (faster convs, row views for the sampling): convert once, and
-        # convert back at the end so that the rest of the network keeps its own layout. The channel branch
-        # reads the inputs as they come: it pools them, and CPU's adaptive pooling backward is ~5x slower
-        # on channels-last maps (12.6 vs 2.5 ms at 64x128, C=128, batch 2)
-        cl_l, cl_h = (to_memory_format(x, torch.channels_last) for x in (x_l, x_h))
-        parts = [cl_l]
+        # every branch returns x_l's layout: the spatial branch's 1x1 convs read NCHW or channels-last maps and
+        # write the channels-last rows it samples, and its output projection writes x_l's layout back; the
+        # channel branch pools the inputs as they come and upsamples its small result in x_l's layout
+        parts = [x_l]
         if self.spatial is not None:
-            parts.append(self.spatial(cl_l, cl_h))
+            parts.append(self.spatial(x_l, x_h))
         if self.channel is not None:
             parts.append(self.channel(x_l, x_h))
         if self.merge is not None:
-            return to_memory_format(self.merge(torch.cat(parts, dim=1)), fmt)
+            return self.merge(torch.cat(parts, dim=1))
         out = parts[1]  # a fresh branch output that its backward does not read: safe to add into in place
-        for part in (*parts[2:], cl_l):
+        for part in (*parts[2:], x_l):
             out = out.add_(part)
-        return to_memory_format(out, fmt)
+        return out
 
     def offset_stats(self) -> dict[str, tuple[float, float]]:
         """``{branch: (mean, max) |offset|}`` of each branch's last forward (branches not run yet are left out)."""

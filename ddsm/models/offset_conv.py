@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ddsm.models.precision import at_least_fp32, float32_region
+from ddsm.models.projection import conv1x1
 
 __all__ = ["conv3x3_of_upsampled", "offset_conv_of_concat", "shift_sum"]
 
@@ -85,7 +86,7 @@ def conv3x3_of_upsampled(x: torch.Tensor, weight: torch.Tensor, *, size: tuple[i
     n = weight.shape[0]
     with float32_region(x.device):
         x = at_least_fp32(x)
-        z = F.conv2d(x, _taps(weight.to(x.dtype)))  # (B, 9n, h, w)
+        z = conv1x1(x, _taps(weight.to(x.dtype)), channels_last=True)  # (B, 9n, h, w) rows
         z = F.interpolate(z, size=size, mode="bilinear", align_corners=align_corners)  # (B, 9n, H, W)
         return shift_sum(z, n)
 
@@ -94,13 +95,13 @@ def offset_conv_of_concat(x_l: torch.Tensor, x_h: torch.Tensor, weight: torch.Te
                           align_corners: bool) -> torch.Tensor:
     """``conv2d(cat([x_l, up(x_h)]), weight, bias, padding=1)`` in float32 under any autocast (offsets need
     more than bf16's 8 mantissa bits), up = bilinear to x_l's size, computed as taps (module docstring):
-    x_l (B, C, H, W), x_h (B, C, h, w), weight (n, 2C, 3, 3) -> (B, n, H, W), channels-last strides."""
+    x_l (B, C, H, W), x_h (B, C, h, w) in either layout, weight (n, 2C, 3, 3) -> (B, n, H, W), channels-last strides."""
     n, C = weight.shape[0], x_l.shape[1]
     with float32_region(x_l.device):
         x_l, x_h = at_least_fp32(x_l), at_least_fp32(x_h)
         w = weight.to(x_l.dtype)
-        taps = F.conv2d(x_l, _taps(w[:, :C]))  # (B, 9n, H, W): the x_l half
-        taps_h = F.conv2d(x_h, _taps(w[:, C:]))  # (B, 9n, h, w): the up(x_h) half, before upsampling
+        taps = conv1x1(x_l, _taps(w[:, :C]), channels_last=True)  # (B, 9n, H, W) rows: the x_l half
+        taps_h = conv1x1(x_h, _taps(w[:, C:]), channels_last=True)  # (B, 9n, h, w): the up(x_h) half, before upsampling
         taps = taps.add_(F.interpolate(taps_h, size=x_l.shape[-2:], mode="bilinear", align_corners=align_corners))
         out = shift_sum(taps, n)  # (B, n, H, W)
         return out if bias is None else out + bias.to(out.dtype).view(1, n, 1, 1)

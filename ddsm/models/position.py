@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ddsm.models.projection import memory_format
+
 
 def sine_embedding_2d(channels: int, height: int, width: int, *, device=None, dtype=None) -> torch.Tensor:
     """DETR-style 2-D sinusoidal embedding: half the channels encode y, half x; shape (1, C, H, W).
@@ -56,9 +58,12 @@ class PositionEmbedding(nn.Module):
             return x
         H, W = x.shape[-2:]
         if self.kind == "sine":
-            key = (H, W, x.device, x.dtype)
+            # stored in x's layout: adding a (1, C, H, W) table of the other layout is a strided pass ~10x slower
+            fmt = memory_format(x)
+            key = (H, W, x.device, x.dtype, fmt)
             if key not in self._cache:
-                self._cache[key] = sine_embedding_2d(self.channels, H, W, device=x.device, dtype=x.dtype)
+                e = sine_embedding_2d(self.channels, H, W, device=x.device, dtype=x.dtype)
+                self._cache[key] = e.contiguous(memory_format=fmt)
             e = self._cache[key]
         else:
             e = F.interpolate(self.table, size=(H, W), mode="bilinear", align_corners=False).to(x.dtype)
