@@ -246,13 +246,6 @@ def _bags(num_bags: int, bag_size: int, device: torch.device, dtype: torch.dtype
     return starts, bag_of
 
 
-@functools.lru_cache(maxsize=16)
-def _pixel_of_slot(batch: int, slots: int, length: int, device: torch.device) -> torch.Tensor:
-    """For a flattened (B, slots, L) tensor, the output pixel b*L + l of every element."""
-    pixel = torch.arange(batch * length, device=device).view(batch, 1, length)
-    return pixel.expand(batch, slots, length).reshape(-1)
-
-
 def weighted_gather(table: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """out[p] = sum_j weights[p, j] * table[index[p, j]]: table (R, C), index/weights (P, J) -> (P, C).
 
@@ -275,20 +268,20 @@ def gather_dot(x: torch.Tensor, table: torch.Tensor, index: torch.Tensor) -> tor
 
 
 def scatter_corners(corners: Corners, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-    """Adjoint of the corner gather: for each (x (B*L, C), weights (B, 4, N, L)) return (R, C) with
-    out[index[b, c, n, l]] += weights[b, c, n, l] * x[b*L + l], R = B*Hk*Wk.
+    """Adjoint of the corner gather: for each (x (B*L, C), weights (B*L, 4N) in bag layout, as
+    ``corners.bag_index``) return (R, C) with out[bag_index[p, j]] += weights[p, j] * x[p], R = B*Hk*Wk.
 
-    The corner rows are sorted once (shared by all pairs; int32 keys sort several times faster than
-    int64), which makes every output row a contiguous bag of (pixel, weight) samples: one
-    ``embedding_bag`` per pair then sums them. No (P, N, C) tensor and no atomic scatter (CPU
-    ``index_add_`` loops over rows one by one).
+    The corner rows of the bags are sorted once (shared by all pairs; int32 keys sort several times faster
+    than int64), which makes every output row a contiguous bag of (pixel, weight) samples: one
+    ``embedding_bag`` per pair then sums them. A sample's pixel is its flat position // 4N (bag layout).
+    No (P, N, C) tensor and no atomic scatter (CPU ``index_add_`` loops over rows one by one).
     """
-    B, _, N, L = corners.index.shape
-    rows = B * corners.height * corners.width
-    keys, order = torch.sort(corners.index.reshape(-1))  # (B*4*N*L,)
+    P, J = corners.bag_index.shape
+    rows = corners.batch * corners.height * corners.width
+    keys, order = torch.sort(corners.bag_index.reshape(-1))  # (P*J,)
     counts = torch.bincount(keys, minlength=rows)
     starts = (counts.cumsum(0) - counts).to(corners.index_dtype)  # (R,) first sorted sample of each output row
-    source = _pixel_of_slot(B, 4 * N, L, keys.device)[order].to(corners.index_dtype)  # pixel of each sample
+    source = torch.div(order, J, rounding_mode="floor").to(corners.index_dtype)  # pixel of each sorted sample
     return [F.embedding_bag(source, x, starts, mode="sum", per_sample_weights=w.reshape(-1)[order].to(x.dtype))
             for x, w in pairs]
 
@@ -337,8 +330,9 @@ class SampledAffinity(torch.autograd.Function):
             logits = raw * scale
             attn = ratio = logits.softmax(dim=1)
             wv = attn[:, None] * w
-        out = weighted_gather(value, corners.bag_index, _to_bags(wv.view(B, 4 * N, L)))  # (B*L, Cv)
-        ctx.save_for_backward(q, key, value, attn, ratio, logits, dots, wv)
+        wv_bags = _to_bags(wv.view(B, 4 * N, L))  # (B*L, 4N)
+        out = weighted_gather(value, corners.bag_index, wv_bags)  # (B*L, Cv)
+        ctx.save_for_backward(q, key, value, attn, ratio, logits, dots, wv_bags)
         ctx.corners, ctx.scale, ctx.pos_dtype, ctx.masked = corners, scale, pos.dtype, masked
         return out
 
@@ -352,9 +346,9 @@ class SampledAffinity(torch.autograd.Function):
         and A_kc = <dL/dout, V_c>: dL/dattn_k = sum_c u_kc A_kc, and through u and m (m_k = sum_c w_kc)
         dL/dw_kc = r_k (A_kc - dL/dattn_k + s g_k <q, K_c> - g_k l_k + g_k), with no division by m.
         """
-        q, key, value, attn, ratio, logits, dots, wv = ctx.saved_tensors
+        q, key, value, attn, ratio, logits, dots, wv_bags = ctx.saved_tensors
         corners, scale = ctx.corners, ctx.scale
-        B, _, N, L = wv.shape
+        B, N, L = attn.shape
         w = corners.weights.to(q.dtype)
         vdots = _from_bags(gather_dot(grad_out, value, corners.bag_index), B).view(B, 4, N, L)  # <g_p, value[c]>
         d_attn = (w * vdots).sum(1)  # (B, N, L): dL/dattn (zero mode), m times it (masked)
@@ -363,7 +357,8 @@ class SampledAffinity(torch.autograd.Function):
         g = d_attn - (attn * d_attn).sum(1, keepdim=True)  # softmax backward, (B, N, L)
         wk = (scale * ratio * g)[:, None] * w  # (B, 4, N, L): weight of every key row (attn g u s = r g w s)
         need_q, need_k, need_v, need_pos = ctx.needs_input_grad[:4]
-        dq = weighted_gather(key, corners.bag_index, _to_bags(wk.view(B, 4 * N, L))) if need_q else None
+        wk_bags = _to_bags(wk.view(B, 4 * N, L)) if need_q or need_k else None  # (B*L, 4N)
+        dq = weighted_gather(key, corners.bag_index, wk_bags) if need_q else None
         dpos = None
         if need_pos:
             if ctx.masked:
@@ -372,7 +367,7 @@ class SampledAffinity(torch.autograd.Function):
             else:
                 d_w = attn[:, None] * vdots + (scale * attn * g)[:, None] * dots  # dL / d weight, (B, 4, N, L)
             dpos = corners.position_grad(d_w.to(corners.factors.dtype)).to(ctx.pos_dtype)  # (B, 2, N, L)
-        pairs = ([(q, wk)] if need_k else []) + ([(grad_out, wv)] if need_v else [])
+        pairs = ([(q, wk_bags)] if need_k else []) + ([(grad_out, wv_bags)] if need_v else [])
         grads = iter(scatter_corners(corners, pairs) if pairs else [])
         dk = next(grads) if need_k else None
         dv = next(grads) if need_v else None

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from ddsm.models.ddsm import ChannelBranch, SpatialBranch
 from ddsm.models.sampling import (Corners, SampledAffinity, dynamic_affinity, gather_dot, sample_positions,
-                                  scatter_corners, weighted_gather)
+                                  scatter_corners, weighted_gather, _to_bags)
 
 
 def _inputs(*, B=2, C=5, Cv=7, H=6, W=7, Hk=5, Wk=8, N=9, spread=3.0, dtype=torch.float64, seed=0):
@@ -78,7 +78,7 @@ def test_scatter_is_the_adjoint_of_the_gather():
     B, N, L, Hk, Wk, C = 2, 4, 6, 3, 4, 5
     corners = Corners(torch.rand(B, 2, N, L) * 6 - 1.5, height=Hk, width=Wk)
     x, w = torch.randn(B * L, C, dtype=torch.float64), torch.rand(B, 4, N, L, dtype=torch.float64)
-    (got,) = scatter_corners(corners, [(x, w)])
+    (got,) = scatter_corners(corners, [(x, _to_bags(w.view(B, 4 * N, L)))])  # weights in bag layout
     expected = torch.zeros(B * Hk * Wk, C, dtype=torch.float64)
     for b, c, n, l in torch.cartesian_prod(*(torch.arange(k) for k in (B, 4, N, L))).tolist():
         expected[corners.index[b, c, n, l]] += w[b, c, n, l] * x[b * L + l]
