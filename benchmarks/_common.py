@@ -11,8 +11,14 @@ which re-runs the script with them unless the variables are already set):
 - ``OMP_WAIT_POLICY=PASSIVE``: torch's GNU OpenMP workers spin for a while at the end of every
   parallel region. When other processes also want the cores, a spinning worker takes a core from
   the thread with the work, and each of the hundreds of parallel regions of a training step then
-  waits for a scheduler time slice: measured here, DDSM's forward+backward went from 0.6 s to 2.1 s
-  wall and a ResNet-18 + FPN training step from 2.9 s to 7.2 s. On an idle machine it changes nothing.
+  waits for a scheduler time slice: measured at load 4-8, DDSM's forward+backward went from 0.6 s to
+  2.1 s wall and a ResNet-18 + FPN training step from 2.9 s to 7.2 s. It is not free on an idle
+  machine either: a passive worker sleeps at once and every parallel region wakes it again, which
+  costs most where the regions are short. Measured alone on this VM (2026-12-01): the three DDSM
+  fusions' forward+backward 489 ms passive vs 278 ms with the default policy (and no faster than
+  one thread, 377 ms), a ResNet-18 + FPN training step 1832 vs 1644 ms. So a script whose result is
+  a ratio between models measures under the policy training runs with (the default, variable unset):
+  bench_train_step's part 1 runs in its own process per policy (:func:`environ`), and reports both.
 - ``THP_MEM_ALLOC_ENABLE=1`` (a c10 allocator switch): CPU tensors of 2 MiB and more on transparent
   huge pages. glibc returns every block above 32 MiB to the kernel when it is freed, so each such
   tensor of every call is page-faulted in again, 4 KiB at a time: at 128x256 a fwd+bwd of a 3x3
@@ -59,6 +65,24 @@ def use_benchmark_env(module: str) -> None:
         os.environ.update(missing)
         sys.stdout.flush()
         os.execv(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]])
+
+
+@contextlib.contextmanager
+def environ(name: str, value: str | None):
+    """``os.environ[name]`` set to ``value`` (None: unset) inside the block, as it was after it; for the
+    processes started inside (variables such as OMP_WAIT_POLICY are read once, when a process loads torch)."""
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def set_threads(threads: int) -> None:

@@ -1,0 +1,49 @@
+"""bench_train_step's part 1 runs in a fresh process per OpenMP wait policy, with the variable as named."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+import multiprocessing as mp
+
+import pytest
+
+from benchmarks import bench_train_step
+from benchmarks._common import environ
+
+
+def _policy_seen() -> str | None:
+    """What a spawned process sees (and so what its OpenMP reads when it loads torch)."""
+    return os.environ.get("OMP_WAIT_POLICY")
+
+
+@pytest.mark.parametrize("policy", list(bench_train_step.OMP_POLICIES))
+def test_each_policy_reaches_the_process_started_under_it(policy: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the parent's own setting must not leak into part 1
+    with environ("OMP_WAIT_POLICY", bench_train_step.OMP_POLICIES[policy]), \
+            ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        seen = pool.submit(_policy_seen).result()
+    assert seen == bench_train_step.OMP_POLICIES[policy]
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # restored after the block
+
+
+def test_environ_unsets_and_restores_a_variable_that_was_not_set(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("DDSM_TEST_VAR", raising=False)
+    with environ("DDSM_TEST_VAR", "1"):
+        assert os.environ["DDSM_TEST_VAR"] == "1"
+    assert "DDSM_TEST_VAR" not in os.environ
+
+
+def test_step_times_under_a_policy_times_both_models():
+    times = bench_train_step.step_times_under("passive", threads=1, repeats=1, warmup=0, size=(32, 64), batch=2)
+    assert set(times) == {"ddsm", "fpn"} and all(len(t) == 1 and t[0] > 0 for t in times.values())
+
+
+def test_an_unknown_policy_is_refused_before_any_work():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_train_step", "--part1-policies", "default,spin"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE",
+                                                                            "THP_MEM_ALLOC_ENABLE": "1"})
+    assert proc.returncode == 2
+    assert "--part1-policies 'default,spin'" in proc.stderr and "default, passive" in proc.stderr
+    assert "part 1" not in proc.stdout
