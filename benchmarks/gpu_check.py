@@ -443,7 +443,7 @@ def section_bench_train_step(ctx: Context) -> list[dict[str, Any]]:
     args = (["--device", "cuda", "--size", "512x1024", "--batch", "4", "--amp", "bf16", "--channels-last", "--steps", "25",
              "--warmup", "5", "--log-every", "5", "--workers", "4", "--repeats", "10", "--runs", "2"] if ctx.gpu else
             ["--device", "cpu", "--size", "32x64", "--batch", "2", "--steps", "3", "--warmup", "1", "--repeats", "1",
-             "--runs", "1"])
+             "--runs", "1", "--part1-policies", "default"])  # both policies: tests/benchmarks/test_bench_train_step.py
     return _bench("bench_train_step", args, ctx)
 
 
