@@ -79,29 +79,34 @@ def shift_sum(taps: torch.Tensor, n: int) -> torch.Tensor:
     return _ShiftSum.apply(taps, n)
 
 
+def _upsampled_taps(x: torch.Tensor, weight: torch.Tensor, *, size: tuple[int, int], align_corners: bool) -> torch.Tensor:
+    """The nine taps of a 3x3 conv on up(x), without up(x): the 1x1 conv of the taps at x's size, then its maps
+    upsampled (bilinear, to ``size``). x (B, C, h, w), weight (n, C, 3, 3) -> (B, 9n, H, W) in :func:`_taps`'
+    order, channels-last; in the dtype of x (callers choose it)."""
+    z = conv1x1(x, _taps(weight.to(x.dtype)), channels_last=True)  # (B, 9n, h, w) rows
+    return F.interpolate(z, size=size, mode="bilinear", align_corners=align_corners)  # (B, 9n, H, W)
+
+
 def conv3x3_of_upsampled(x: torch.Tensor, weight: torch.Tensor, *, size: tuple[int, int],
                          align_corners: bool) -> torch.Tensor:
     """``conv2d(up(x), weight, padding=1)`` in float32 (under any autocast) without up(x), up = bilinear to
     ``size``: x (B, C, h, w), weight (n, C, 3, 3) -> (B, n, H, W); the taps at h x w, upsampled, shift-summed."""
-    n = weight.shape[0]
     with float32_region(x.device):
         x = at_least_fp32(x)
-        z = conv1x1(x, _taps(weight.to(x.dtype)), channels_last=True)  # (B, 9n, h, w) rows
-        z = F.interpolate(z, size=size, mode="bilinear", align_corners=align_corners)  # (B, 9n, H, W)
-        return shift_sum(z, n)
+        return shift_sum(_upsampled_taps(x, weight, size=size, align_corners=align_corners), weight.shape[0])
 
 
 def offset_conv_of_concat(x_l: torch.Tensor, x_h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
                           align_corners: bool) -> torch.Tensor:
     """``conv2d(cat([x_l, up(x_h)]), weight, bias, padding=1)`` in float32 under any autocast (offsets need
     more than bf16's 8 mantissa bits), up = bilinear to x_l's size, computed as taps (module docstring):
-    x_l (B, C, H, W), x_h (B, C, h, w) in either layout, weight (n, 2C, 3, 3) -> (B, n, H, W), channels-last strides."""
+    x_l (B, C, H, W), x_h (B, C, h, w) in either layout, weight (n, 2C, 3, 3) -> (B, n, H, W), channels-last strides.
+    The two halves' taps are added before one shift-sum (as :func:`conv3x3_of_upsampled` does for the second)."""
     n, C = weight.shape[0], x_l.shape[1]
     with float32_region(x_l.device):
         x_l, x_h = at_least_fp32(x_l), at_least_fp32(x_h)
         w = weight.to(x_l.dtype)
         taps = conv1x1(x_l, _taps(w[:, :C]), channels_last=True)  # (B, 9n, H, W) rows: the x_l half
-        taps_h = conv1x1(x_h, _taps(w[:, C:]), channels_last=True)  # (B, 9n, h, w): the up(x_h) half, before upsampling
-        taps = taps.add_(F.interpolate(taps_h, size=x_l.shape[-2:], mode="bilinear", align_corners=align_corners))
+        taps = taps.add_(_upsampled_taps(x_h, w[:, C:], size=x_l.shape[-2:], align_corners=align_corners))
         out = shift_sum(taps, n)  # (B, n, H, W)
         return out if bias is None else out + bias.to(out.dtype).view(1, n, 1, 1)
