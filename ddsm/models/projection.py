@@ -64,15 +64,15 @@ class _Conv1x1(torch.autograd.Function):
                 out = result.view(B, O, H * W)
                 for i in range(B):
                     _product(w, xr[i].t(), None if b is None else b[:, None], out=out[i])  # (O, C) @ (C, HW)
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias, ctx.dtype, ctx.x_channels_last = bias is not None, dtype, memory_format(x) == torch.channels_last
+        ctx.save_for_backward(x.to(dtype), weight)  # x itself unless autocast casts it: not cast twice
+        ctx.dtype, ctx.x_dtype, ctx.x_channels_last = dtype, x.dtype, memory_format(x) == torch.channels_last
         return result
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         """dx in x's layout (channels-last or NCHW), dW = sum_pixels grad x^T, db = sum_pixels grad."""
-        x, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors  # x in the compute dtype
         B, C, H, W = x.shape
         O = weight.shape[0]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -91,14 +91,14 @@ class _Conv1x1(torch.autograd.Function):
                     for i in range(B):
                         torch.mm(w.t(), g[i].t(), out=maps[i])  # (C, O) @ (O, HW)
                     dx = maps.view(B, C, H, W)
-                dx = dx.to(x.dtype)
+                dx = dx.to(ctx.x_dtype)
             if need_w:
-                xr = _rows(x.to(ctx.dtype))  # (B, HW, C)
+                xr = _rows(x)  # (B, HW, C)
                 dw = torch.mm(g[0].t(), xr[0])  # (O, C)
                 for i in range(1, B):
                     dw.addmm_(g[i].t(), xr[i])
                 dw = dw.to(weight.dtype).view(weight.shape)
-            if need_b and ctx.has_bias:
+            if need_b:  # False when bias is None
                 db = grad.sum(dim=(0, 2, 3)).to(weight.dtype)  # (O,)
         return dx, dw, db, None
 
