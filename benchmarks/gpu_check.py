@@ -203,6 +203,7 @@ def section_sampling(ctx: Context) -> list[dict[str, Any]]:
     """gather vs grid_sample on this device: equal to tolerance, time of each; the model-level choice."""
     import torch
 
+    from benchmarks._common import environ
     from ddsm.models import sampling
     from ddsm.models.ddsm import DDSM
     from ddsm.profile.timing import summarize, time_calls
@@ -242,25 +243,19 @@ def section_sampling(ctx: Context) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     block = DDSM(C, branches="dual", num_points=N).to(device)
     x_l, x_h = cl(rand(B, C, H, W)).requires_grad_(), cl(rand(B, C, H // 2, W // 2)).requires_grad_()
-    module_ms, outs, saved = {}, {}, os.environ.get(sampling.IMPL_ENV)
+    module_ms, outs = {}, {}
     step = lambda: block(x_l, x_h).backward(upstream)  # noqa: E731
-    try:
-        for impl in sampling.IMPLS:  # warm both first
-            os.environ[sampling.IMPL_ENV] = f"{device.type}={impl}"
+    for impl in sampling.IMPLS:  # warm both first
+        with environ(sampling.IMPL_ENV, f"{device.type}={impl}"):
             step()
-        for impl in sampling.IMPLS:
-            os.environ[sampling.IMPL_ENV] = f"{device.type}={impl}"
+    for impl in sampling.IMPLS:
+        with environ(sampling.IMPL_ENV, f"{device.type}={impl}"):  # the caller's value comes back after
             assert sampling.default_impl(device) == impl
             module_ms[impl] = summarize(time_calls(step, device=device, repeats=repeats, warmup=warmup))["median"]
             with torch.no_grad():
                 outs[impl] = block(x_l, x_h)
-            rows.append(row("sampling", f"DDSM dual module fwd+bwd, {sampling.IMPL_ENV}={device.type}={impl}", "ok",
-                            time_ms=module_ms[impl]))
-    finally:
-        if saved is None:
-            os.environ.pop(sampling.IMPL_ENV, None)
-        else:
-            os.environ[sampling.IMPL_ENV] = saved
+        rows.append(row("sampling", f"DDSM dual module fwd+bwd, {sampling.IMPL_ENV}={device.type}={impl}", "ok",
+                        time_ms=module_ms[impl]))
     same = torch.allclose(outs["gather"], outs["grid_sample"], rtol=1e-3, atol=1e-4 * float(outs["grid_sample"].abs().max()))
     faster = min(module_ms, key=module_ms.get)
     current = sampling.DEFAULT_IMPLS.get(device.type, "gather")
