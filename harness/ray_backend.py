@@ -515,7 +515,7 @@ class _Drainer:
         moves on here, with the events returned, not when the thread reads them."""
         with self.lock:
             out, self.inbox = self.inbox, []
-            self.read = max(self.read, self._read_pending)
+            self.read = self._read_pending  # only grows: drains are read in the order they were sent
             self.end_seen |= self._end_pending
             self._end_pending = set()
         return out
