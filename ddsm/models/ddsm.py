@@ -47,7 +47,8 @@ the inputs in their own layout (NCHW or channels-last) and return x_l's; inside,
 samples channels-last rows, which its 1x1 convs write directly (:mod:`ddsm.models.projection`), and it
 rearranges its convs (see :meth:`SpatialBranch.forward`, and
 :mod:`ddsm.models.offset_conv` for the offset conv); the sampling is
-:func:`ddsm.models.sampling.dynamic_affinity`'s gather path. tests/ddsm/models/test_sampling_fast.py
+:func:`ddsm.models.sampling.dynamic_affinity`'s gather path; the channel branch upsamples an NCHW
+output on CPU as two GEMMs (:mod:`ddsm.models.resize`). tests/ddsm/models/test_sampling_fast.py
 checks both branches against the figure written literally.
 """
 from __future__ import annotations
@@ -62,7 +63,8 @@ from ddsm.config import ConfigError
 from ddsm.models.position import PositionEmbedding
 from ddsm.models.offset_conv import offset_conv_of_concat
 from ddsm.models.precision import conv2d_fp32
-from ddsm.models.projection import conv1x1, memory_format
+from ddsm.models.projection import conv1x1, conv1x1_heads, memory_format
+from ddsm.models.resize import resize_bilinear
 from ddsm.models.sampling import OUT_OF_MAP, dynamic_affinity
 
 BRANCHES = ("spatial", "channel", "dual")
@@ -189,23 +191,20 @@ class SpatialBranch(nn.Module):
         result up to float rounding: the 1x1 convs read the inputs in their own layout and write
         channels-last rows, which the sampling reads, and the output projection writes x_l's layout
         (:func:`ddsm.models.projection.conv1x1`: no relayout of a whole map at either end); query and
-        the x_l half of the key as one 1x1 conv; the up(x_h) half of the key and the value at h x w
+        the x_l half of the key as two heads of one 1x1 conv of x_l, the up(x_h) half of the key and the
+        value as two of x_h (:func:`ddsm.models.projection.conv1x1_heads`), the latter at h x w
         before upsampling (a 1x1 conv commutes with bilinear upsampling, whose weights sum to 1); the
         offset conv as the 1x1 convs of its nine taps, the up(x_h) half's at h x w, added and
         shift-summed (:mod:`ddsm.models.offset_conv`).
         """
         C, size = x_l.shape[1], x_l.shape[-2:]
-        d = self.query.out_channels
         xl, xh = self.pos_l(x_l), self.pos_h(x_h)  # (B, C, H, W), (B, C, h, w)
         w_key_l, w_key_h = self.key.weight[:, :C], self.key.weight[:, C:]
-        qk = conv1x1(xl, torch.cat([self.query.weight, w_key_l]), torch.cat([self.query.bias, self.key.bias]),
-                     channels_last=True)  # (B, 2d, H, W) rows
-        kv = conv1x1(xh, torch.cat([w_key_h, self.value.weight]),
-                     torch.cat([torch.zeros_like(self.key.bias), self.value.bias]), channels_last=True)  # (B, 2d, h, w)
-        q, k_l = qk.split(d, dim=1)  # split, not slices: one cat in the backward instead of zero-filled copies
-        # split before upsampling: the backward's cat is then at h x w (at 64x128: 19 -> 13 ms fwd+bwd)
+        q, k_l = conv1x1_heads(xl, [(self.query.weight, self.query.bias), (w_key_l, self.key.bias)],
+                               channels_last=True)  # (B, d, H, W) rows each
         k_h, v = (F.interpolate(t, size=size, mode="bilinear", align_corners=self.align_corners)
-                  for t in kv.split(d, dim=1))  # (B, d, H, W) each
+                  for t in conv1x1_heads(xh, [(w_key_h, None), (self.value.weight, self.value.bias)],
+                                         channels_last=True))  # (B, d, h, w) rows -> (B, d, H, W) each
         k = k_l + k_h  # theta, phi, g: each (B, d, H, W)
         offsets = self._offsets(x_l, x_h)  # (B, 2N, H, W)
         self.last_offsets = offsets.detach()
@@ -287,7 +286,7 @@ class ChannelBranch(nn.Module):
         if self.inverse_perm is not None:
             z = z.index_select(1, self.inverse_perm)  # back to channel order: channel j from cell inverse_perm[j]
         z = to_memory_format(self.proj(z), memory_format(x_l))  # small here; the upsampled map is not
-        return F.interpolate(z, size=(H, W), mode="bilinear", align_corners=self.align_corners)
+        return resize_bilinear(z, (H, W), align_corners=self.align_corners)  # NCHW on CPU: as GEMMs
 
 
     def _offsets(self, k: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,11 @@
-"""conv1x1 (1x1 convs between layouts) against F.conv2d, and DDSM keeping its input's layout end to end."""
+"""conv1x1 and conv1x1_heads (1x1 convs between layouts) against F.conv2d, and DDSM keeping its input's layout end
+to end."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ddsm.models.ddsm import DDSM
-from ddsm.models.projection import conv1x1
+from ddsm.models.projection import conv1x1, conv1x1_heads
 
 LAYOUTS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 
@@ -56,6 +57,46 @@ def test_conv1x1_output_is_not_a_view_so_it_can_be_added_into():
     out = conv1x1(x, torch.randn(2, 2, 1, 1), channels_last=True)
     out.add_(1.0).sum().backward()  # a view made inside a custom Function would refuse the in-place add
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("out_layout", ["nchw", "cl"])
+@pytest.mark.parametrize("in_layout", ["nchw", "cl"])
+def test_conv1x1_heads_are_the_convs_of_each_head_and_sum_their_input_gradients(in_layout, out_layout):
+    torch.manual_seed(3)
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64).contiguous(memory_format=LAYOUTS[in_layout]).requires_grad_()
+    w1, w2 = (torch.randn(o, 5, 1, 1, dtype=torch.float64, requires_grad=True) for o in (3, 6))
+    b1 = torch.randn(3, dtype=torch.float64, requires_grad=True)  # the second head has no bias
+    outs = conv1x1_heads(x, [(w1, b1), (w2, None)], channels_last=out_layout == "cl")
+    refs = (F.conv2d(x, w1, b1), F.conv2d(x, w2))
+    params = [x, w1, b1, w2]
+    g = [torch.randn_like(r) for r in refs]
+    grads = torch.autograd.grad(outs, params, g)
+    ref_grads = torch.autograd.grad(refs, params, g)
+    for out, ref in zip(outs, refs):
+        assert out.is_contiguous(memory_format=LAYOUTS[out_layout]) and out._base is None  # each its own tensor
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert grads[0].is_contiguous(memory_format=LAYOUTS[in_layout])
+
+
+def test_conv1x1_heads_an_unused_head_gets_no_gradient_and_x_still_gets_the_others():
+    torch.manual_seed(4)
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    w1, w2 = (torch.randn(2, 4, 1, 1, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    used, _unused = conv1x1_heads(x, [(w1, None), (w2, None)], channels_last=True)
+    used.sum().backward()
+    assert w2.grad is None
+    torch.testing.assert_close(x.grad, torch.autograd.grad(F.conv2d(x, w1).sum(), x)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_conv1x1_heads_gradcheck():
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    w1, w2 = (torch.randn(o, 3, dtype=torch.float64, requires_grad=True) for o in (2, 4))
+    b2 = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda *a: conv1x1_heads(a[0], [(a[1], None), (a[2], a[3])], channels_last=False),
+                             (x, w1, w2, b2))
 
 
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
