@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
@@ -132,6 +133,26 @@ def interleaved_times(fns: dict[str, Callable[[], None]], *, repeats: int, warmu
             if cpu_times is not None:
                 cpu_times.setdefault(name, []).append((time.process_time() - c0) * 1e3)
     return times
+
+
+def ratio_interval(a: list[float], b: list[float], *, level: float = 0.9,
+                   resamples: int = 4000) -> tuple[float, float] | None:
+    """Bootstrap interval (``scipy.stats.bootstrap``, percentile, seeded) of median(a) / median(b) for two
+    lists of timings taken round-robin: rounds are resampled whole (paired), so a slow round of the machine
+    moves both. None below 3 rounds. It says how far the run's ratio could move on a rerun under the same
+    load; it is not a bound on the machine's noise between runs."""
+    if len(a) != len(b):
+        raise ValueError(f"ratio_interval: {len(a)} and {len(b)} timings; expected one of each per round")
+    if len(a) < 3:
+        return None
+    from scipy.stats import bootstrap  # only here: the benchmarks that do not report an interval skip the import
+
+    def ratio(x, y, axis=-1):  # noqa: ANN001, ANN202 - numpy arrays, vectorised over resamples
+        return np.median(x, axis=axis) / np.median(y, axis=axis)
+
+    res = bootstrap((np.asarray(a, dtype=float), np.asarray(b, dtype=float)), ratio, paired=True, vectorized=True,
+                    n_resamples=resamples, confidence_level=level, method="percentile", rng=np.random.default_rng(0))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def timing_summary(times_ms: list[float]) -> dict[str, float]:
