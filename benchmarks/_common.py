@@ -24,7 +24,9 @@ which re-runs the script with them unless the variables are already set):
   tensor of every call is page-faulted in again, 4 KiB at a time: at 128x256 a fwd+bwd of a 3x3
   conv spent 0.3 s of 2.4 s in the kernel (131k faults), DDSM 0.5 s of 3.2 s (249k faults), which
   made every block look superlinear in H*W. With huge pages: 3k and 19k faults, and both grow 4.0x
-  from 64x128 to 128x256.
+  from 64x128 to 128x256. bench_train_step's part 1 (a ratio between two models at one size) runs
+  without it, as training does: there it doubled the step-to-step spread (IQR ~310 vs ~120 ms of a
+  ~1500 ms step, 2026-12-02) without moving the ratio beyond that noise.
 
 Set either variable yourself (e.g. ``OMP_WAIT_POLICY=ACTIVE``) to measure without it.
 """

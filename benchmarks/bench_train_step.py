@@ -8,7 +8,8 @@
    process: with OpenMP's default wait policy (``OMP_WAIT_POLICY`` unset, as ``ddsm-bench train`` and a
    plain script run: the target is judged on this one) and with ``OMP_WAIT_POLICY=PASSIVE`` (for
    comparison: every parallel region then wakes sleeping workers, which costs DDSM's many short ops
-   most; see benchmarks/_common.py). ``--part1-policies`` picks them.
+   most; see benchmarks/_common.py). ``--part1-policies`` picks them. Both processes run on c10's default
+   allocator (``THP_MEM_ALLOC_ENABLE`` unset), as training does (:data:`PART1_THP`).
 2. Our engine (``ddsm.engine.train``) vs a plain PyTorch loop on the same model, data
    (the synthetic dataset at 256x512, batch 2, cached after the first epoch) and optimiser, each in
    its own process, taking turns: engine block 1, plain block 1, engine block 2, ... where a block is
@@ -19,9 +20,9 @@
    Target: engine throughput >= 0.95 x the plain loop's (goal 0.98).
 
 Run: ``.venv/bin/python -m benchmarks.bench_train_step [--repeats R] [--steps S] [--runs K] [--threads T]``;
-prints tables and writes benchmarks/results/bench_train_step.json (``--out`` elsewhere). Runs with
-THP_MEM_ALLOC_ENABLE=1, and part 2 with OMP_WAIT_POLICY=PASSIVE (two processes take turns), unless they
-are set (see benchmarks/_common.py).
+prints tables and writes benchmarks/results/bench_train_step.json (``--out`` elsewhere). Part 2 runs with
+THP_MEM_ALLOC_ENABLE=1 and OMP_WAIT_POLICY=PASSIVE (two processes take turns), unless they are set (see
+benchmarks/_common.py); part 1 sets its own (above), whatever the caller's.
 On a GPU (what ``benchmarks/gpu_check.py`` runs): ``--device cuda --size 512x1024 --batch 4
 --amp bf16 --channels-last --steps 25 --warmup 5 --log-every 5 --workers 4``; every timed call is
 then synchronised, and the loss is read back only every ``--log-every`` steps in both loops.
@@ -29,9 +30,13 @@ then synchronised, and the loss is read back only every ``--log-every`` steps in
 from __future__ import annotations
 
 import argparse
+import contextlib
+import multiprocessing as mp
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +57,10 @@ STEP_RATIO_TARGET, ENGINE_TARGET, ENGINE_GOAL = 1.25, 0.95, 0.98
 # part 1's OpenMP wait policies: the value of OMP_WAIT_POLICY in its process (None: unset, libgomp's default
 # of spinning a while after each parallel region, then sleeping); the first one listed is the judged one
 OMP_POLICIES: dict[str, str | None] = {"default": None, "passive": "PASSIVE"}
+# part 1's allocator: c10's default (huge pages off), as training runs; THP_MEM_ALLOC_ENABLE=1 (the other
+# benchmarks' setting, for growth exponents) doubled the step-to-step spread here (IQR ~310 vs ~120 ms of
+# ~1500, four paired runs on 2026-12-02) and is set by no training run
+PART1_THP: str | None = None
 RELAY_TIMEOUT_S = 1800  # part 2: a loop waiting longer for its turn gives up (the other one died)
 
 
@@ -73,14 +82,27 @@ def _step_times_child(threads: int, kwargs: dict[str, Any]) -> dict[str, list[fl
     return model_step_times(**kwargs)
 
 
-def step_times_under(policy: str, *, threads: int, **kwargs: Any) -> dict[str, list[float]]:
-    """:func:`model_step_times` (keyword arguments as there) in a fresh process whose OMP_WAIT_POLICY is
-    :data:`OMP_POLICIES` [``policy``]: OpenMP reads it once, when the process loads torch."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+def part1_environment(policy: str) -> dict[str, str | None]:
+    """The variables part 1's process runs with under ``policy`` (None: unset): OMP_WAIT_POLICY from
+    :data:`OMP_POLICIES`, THP_MEM_ALLOC_ENABLE :data:`PART1_THP`. Both are read once, when a process loads torch."""
+    return {"OMP_WAIT_POLICY": OMP_POLICIES[policy], "THP_MEM_ALLOC_ENABLE": PART1_THP}
 
-    with environ("OMP_WAIT_POLICY", OMP_POLICIES[policy]), \
-            ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+
+@contextlib.contextmanager
+def part1_process(policy: str) -> Iterator[ProcessPoolExecutor]:
+    """A fresh one-worker process (spawned) with :func:`part1_environment` (``policy``); the caller's own
+    variables are back as they were afterwards."""
+    with contextlib.ExitStack() as stack:
+        for name, value in part1_environment(policy).items():
+            stack.enter_context(environ(name, value))
+        with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+            pool.submit(int).result()  # start the worker now, while the variables are set
+            yield pool
+
+
+def step_times_under(policy: str, *, threads: int, **kwargs: Any) -> dict[str, list[float]]:
+    """:func:`model_step_times` (keyword arguments as there) in :func:`part1_process` (``policy``)."""
+    with part1_process(policy) as pool:
         return pool.submit(_step_times_child, threads, kwargs).result()
 
 
@@ -310,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     where = args.device if not args.device.startswith("cuda") else f"{args.device} ({info['gpu']})"
     flags = f", {args.amp} autocast" * (args.amp != "none") + ", channels_last" * args.channels_last
     print(f"\nTraining step, ResNet-18, {size[0]}x{size[1]}, batch {args.batch}, {where}{flags}; {describe(info)} "
-          f"(the parent's and part 2's; part 1's policy is per row); {args.repeats} round-robin repeats per policy, "
+          f"(the parent's and part 2's; part 1: THP_MEM_ALLOC_ENABLE unset, the policy per row); {args.repeats} round-robin repeats per policy, "
           "each policy in its own process")
     print_table([{"OpenMP wait policy": policy, "model": n, "median ms": f"{s['median']:.0f}", "IQR ms": f"{s['iqr']:.0f}",
                   "ddsm / fpn": f"{r['ratio']:.3f}" if n == "ddsm" else "",

@@ -1,4 +1,4 @@
-"""bench_train_step's part 1 runs in a fresh process per OpenMP wait policy, with the variable as named."""
+"""bench_train_step's part 1 runs in a fresh process per OpenMP wait policy, with the variables as named."""
 from __future__ import annotations
 
 import os
@@ -13,12 +13,13 @@ from benchmarks._common import environ
 
 @pytest.mark.parametrize("policy", list(bench_train_step.OMP_POLICIES))
 def test_each_policy_reaches_the_process_started_under_it(policy: str, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the parent's own setting must not leak into part 1
-    probe = [sys.executable, "-c", "import os; print(os.environ.get('OMP_WAIT_POLICY'))"]
-    with environ("OMP_WAIT_POLICY", bench_train_step.OMP_POLICIES[policy]):
-        seen = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
-    assert seen == str(bench_train_step.OMP_POLICIES[policy])  # "None": unset, OpenMP's default
-    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # restored after the block
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the parent's own settings must not leak into part 1
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    with bench_train_step.part1_process(policy) as pool:
+        seen = {name: pool.submit(os.getenv, name).result() for name in ("OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE")}
+    assert seen == {"OMP_WAIT_POLICY": bench_train_step.OMP_POLICIES[policy],  # None: unset, OpenMP's default
+                    "THP_MEM_ALLOC_ENABLE": None}  # c10's default allocator, as training runs
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE" and os.environ["THP_MEM_ALLOC_ENABLE"] == "1"  # restored
 
 
 def test_environ_unsets_and_restores_a_variable_that_was_not_set(monkeypatch: pytest.MonkeyPatch):
