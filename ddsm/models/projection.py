@@ -158,5 +158,7 @@ def conv1x1_heads(x: torch.Tensor, heads: list[tuple[torch.Tensor, torch.Tensor 
     own tensor. Where one conv with the weights concatenated would be split: each output's rows are then
     contiguous (no copy where they are read as rows), and the backward adds the heads' input gradients in
     their GEMMs instead of concatenating the output gradients first (a copy of every output map)."""
+    if not heads:
+        raise ValueError("conv1x1_heads: heads is empty; expected at least one (weight, bias) pair")
     params = [t for head in heads for t in head]
     return _Conv1x1.apply(x, channels_last, *params)

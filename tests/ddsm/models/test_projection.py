@@ -90,6 +90,11 @@ def test_conv1x1_heads_an_unused_head_gets_no_gradient_and_x_still_gets_the_othe
     torch.testing.assert_close(x.grad, torch.autograd.grad(F.conv2d(x, w1).sum(), x)[0], rtol=1e-12, atol=1e-12)
 
 
+def test_conv1x1_heads_refuses_no_heads():
+    with pytest.raises(ValueError, match="heads is empty"):
+        conv1x1_heads(torch.randn(1, 2, 2, 2), [], channels_last=True)
+
+
 def test_conv1x1_heads_gradcheck():
     torch.manual_seed(5)
     x = torch.randn(2, 3, 2, 3, dtype=torch.float64, requires_grad=True)
