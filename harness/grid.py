@@ -49,9 +49,10 @@ from harness import console as view
 from harness.cells import HASH_VERSION, Cell, eval_fields, expand, grid_hash, train_params
 from harness.driver import (RESULT_FILE, Event, Job, Policy, Recorder, TrialOutcome, TrialPayload, append_jsonl,
                             write_json)
-from harness.mlflow_io import Tag, record_event, write_report_from_mlflow
-from harness.session import (claim_out, close_recorder, cluster, default_concurrency, git_sha, open_recorder,
-                             preflight, print_where_to_look, run_policy, stop_exit_code, store_while_ray_starts)
+from harness.mlflow_io import REPORT_MODULE, Tag, record_event, write_report_from_mlflow
+from harness.session import (claim_out, close_recorder, cluster, default_concurrency, git_sha, imports_in_background,
+                             open_recorder, preflight, print_where_to_look, run_policy, stop_exit_code,
+                             store_while_ray_starts)
 from harness.spec import GridSpec, load_spec
 from harness.worker import FAIL_ONCE_ENV, OUTCOMES_FILE, cell_artifacts
 
@@ -394,7 +395,8 @@ def run_grid(spec: GridSpec | str | Path, *, out_dir: str | Path, address: str |
                 policy = GridPolicy(spec=spec, cells=cells, out=out_path, recorder=recorder, parent=parent, sha=sha,
                                     log_checkpoints=log_checkpoints, fail_once=os.environ.get(FAIL_ONCE_ENV),
                                     reevaluate=reevaluate)
-                with view.ProgressBoard(policy.results, console=console) as board:
+                # the report's imports load while the driver waits on the trials (~1.2 s less at the end)
+                with view.ProgressBoard(policy.results, console=console) as board, imports_in_background(REPORT_MODULE):
                     stop = run_policy(policy, resources=res, recorder=recorder, console=board,
                                       limit=max_concurrent or default_concurrency(res), train_fn=train_fn,
                                       fresh_workers=fresh_workers)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import importlib
 import itertools
 import json
 import logging
@@ -754,6 +755,9 @@ def load_figure_inputs(tracking_uri: str | None, frame: pd.DataFrame, *, dest: s
                         resumes=pd.DataFrame(resumes, columns=["run_id", "step"]), views=views, settings=settings)
 
 
+REPORT_MODULE = "reports.build"  # the report writer (pandas, matplotlib, scipy): imported on first use
+
+
 def write_report_from_mlflow(tracking_uri: str | None, *, experiment: str | None = None,
                              parent_run_id: str | None = None, out_dir: str | Path, baseline: str | None = None,
                              method: str = "ttest", alpha: float = 0.05) -> dict[str, Path]:
@@ -764,7 +768,7 @@ def write_report_from_mlflow(tracking_uri: str | None, *, experiment: str | None
     ``ddsm-bench run`` calls this at the end of every grid; ``ddsm-bench report`` is the same from the CLI.
     Returns ``{relative path: path}`` of every written file (``report.md`` among them).
     """
-    from reports.build import write_report
+    write_report = importlib.import_module(REPORT_MODULE).write_report
 
     grid = load_runs(tracking_uri, experiment=experiment, parent_run_id=parent_run_id)
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,6 +15,7 @@ Grids (:mod:`harness.grid`) and studies (:mod:`harness.study`) differ only in th
 """
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import socket
@@ -37,8 +38,8 @@ from harness.secrets import redact
 from harness.spec import DEFAULT_TRACKING_OUTAGE_S, Resources
 from harness.tracking_queue import JOURNAL_FILE, QueuedRecorder
 
-__all__ = ["PreparedStore", "claim_out", "close_recorder", "cluster", "git_sha", "open_recorder", "preflight",
-           "print_where_to_look", "run_policy", "stop_exit_code", "store_while_ray_starts"]
+__all__ = ["PreparedStore", "claim_out", "close_recorder", "cluster", "git_sha", "imports_in_background",
+           "open_recorder", "preflight", "print_where_to_look", "run_policy", "stop_exit_code", "store_while_ray_starts"]
 
 INTERRUPT_FLUSH_S = 10.0  # how long an interrupted driver waits for a slow store before journaling the rest
 LOST_FLUSH_S = 15.0  # the same when the cluster is lost (Ray ends such a driver 60 s after its head went away)
@@ -196,6 +197,25 @@ def store_while_ray_starts(*, tracking_uri: str | None, out: Path, experiment: s
         yield prepared
     finally:
         prepared.close()
+
+
+@contextmanager
+def imports_in_background(module: str) -> Iterator[threading.Thread]:
+    """Import ``module`` in a background thread for the length of the block, and wait for it (up to 60 s) when
+    the block ends, so the process never exits mid-import. For the end-of-grid report's imports (pandas,
+    matplotlib, scipy: ~1.2 s on a 2-core CPU) while the driver waits on its trials. A failed import is
+    left for the module's first real user to raise."""
+    thread = threading.Thread(target=_import_quietly, args=(module,), daemon=True, name=f"ddsm-bench-import-{module}")
+    thread.start()
+    try:
+        yield thread
+    finally:
+        thread.join(60.0)
+
+
+def _import_quietly(module: str) -> None:
+    with suppress(Exception):
+        importlib.import_module(module)
 
 
 def print_where_to_look(recorder: QueuedRecorder | MlflowRecorder, connection: ray_backend.Connection, *,
