@@ -53,8 +53,9 @@ class _Conv1x1(torch.autograd.Function):
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         results = []
         ctx.set_materialize_grads(False)  # an output nobody used gets None in the backward, not a zero map
+        x_c = x.to(dtype)  # x itself unless autocast casts it; saved as is, so the backward does not cast again
         with float32_region(x.device):  # the dtype is chosen above; no op below may recast
-            xr = _rows(x.to(dtype))  # (B, HW, C)
+            xr = _rows(x_c)  # (B, HW, C)
             for weight, bias in zip(weights, biases):
                 O = weight.shape[0]
                 w = weight.reshape(O, C).to(dtype)  # (O, C)
@@ -70,7 +71,7 @@ class _Conv1x1(torch.autograd.Function):
                     for i in range(B):
                         _product(w, xr[i].t(), None if b is None else b[:, None], out=out[i])  # (O, C) @ (C, HW)
                 results.append(result)
-        ctx.save_for_backward(x.to(dtype), *weights)  # x itself unless autocast casts it: not cast twice
+        ctx.save_for_backward(x_c, *weights)
         ctx.dtype, ctx.x_dtype, ctx.x_channels_last = dtype, x.dtype, memory_format(x) == torch.channels_last
         return tuple(results)
 
