@@ -47,8 +47,8 @@ the inputs in their own layout (NCHW or channels-last) and return x_l's; inside,
 samples channels-last rows, which its 1x1 convs write directly (:mod:`ddsm.models.projection`), and it
 rearranges its convs (see :meth:`SpatialBranch.forward`, and
 :mod:`ddsm.models.offset_conv` for the offset conv); the sampling is
-:func:`ddsm.models.sampling.dynamic_affinity`'s gather path; the channel branch upsamples an NCHW
-output on CPU as two GEMMs (:mod:`ddsm.models.resize`). tests/ddsm/models/test_sampling_fast.py
+:func:`ddsm.models.sampling.dynamic_affinity`'s gather path; the backward of the channel branch's
+upsampling of an NCHW output on CPU is two GEMMs (:mod:`ddsm.models.resize`). tests/ddsm/models/test_sampling_fast.py
 checks both branches against the figure written literally.
 """
 from __future__ import annotations
@@ -286,7 +286,7 @@ class ChannelBranch(nn.Module):
         if self.inverse_perm is not None:
             z = z.index_select(1, self.inverse_perm)  # back to channel order: channel j from cell inverse_perm[j]
         z = to_memory_format(self.proj(z), memory_format(x_l))  # small here; the upsampled map is not
-        return resize_bilinear(z, (H, W), align_corners=self.align_corners)  # NCHW on CPU: as GEMMs
+        return resize_bilinear(z, (H, W), align_corners=self.align_corners)  # NCHW on CPU: backward as GEMMs
 
 
     def _offsets(self, k: torch.Tensor) -> torch.Tensor:

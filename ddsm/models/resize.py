@@ -22,12 +22,13 @@ __all__ = ["interpolation_matrix", "resize_bilinear"]
 
 
 @functools.lru_cache(maxsize=32)
-def interpolation_matrix(n_out: int, n_in: int, *, align_corners: bool, dtype: torch.dtype = torch.float32,
-                         device: torch.device | str = "cpu") -> torch.Tensor:
+def interpolation_matrix(n_out: int, n_in: int, *, align_corners: bool,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The (n_out, n_in) matrix of 1-D linear interpolation from n_in to n_out samples, as ATen's
     ``upsample_bilinear2d`` weighs them for a given output size: source coordinate ``i (n_in - 1) / (n_out - 1)``
     (align_corners, 0 for n_out = 1) or ``(i + 0.5) n_in / n_out - 0.5`` clamped at 0; the left sample
-    ``min(floor(src), n_in - 1)`` and its right neighbour (itself at the last sample) weighted 1 - frac and frac."""
+    ``min(floor(src), n_in - 1)`` and its right neighbour (itself at the last sample) weighted 1 - frac and frac.
+    On CPU (the only device :func:`resize_bilinear` uses it on)."""
     i = torch.arange(n_out, dtype=torch.float64)
     if align_corners:
         src = i * ((n_in - 1) / (n_out - 1)) if n_out > 1 else torch.zeros_like(i)
@@ -40,7 +41,7 @@ def interpolation_matrix(n_out: int, n_in: int, *, align_corners: bool, dtype: t
     rows = torch.arange(n_out)
     m.index_put_((rows, lo), 1 - frac, accumulate=True)
     m.index_put_((rows, hi), frac, accumulate=True)
-    return m.to(device=device, dtype=dtype)
+    return m.to(dtype)
 
 
 class _Bilinear(torch.autograd.Function):
