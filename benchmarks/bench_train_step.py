@@ -332,8 +332,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     where = args.device if not args.device.startswith("cuda") else f"{args.device} ({info['gpu']})"
     flags = f", {args.amp} autocast" * (args.amp != "none") + ", channels_last" * args.channels_last
     print(f"\nTraining step, ResNet-18, {size[0]}x{size[1]}, batch {args.batch}, {where}{flags}; {describe(info)} "
-          f"(the parent's and part 2's; part 1: THP_MEM_ALLOC_ENABLE unset, the policy per row); {args.repeats} round-robin repeats per policy, "
-          "each policy in its own process")
+          f"(the parent's and part 2's; part 1: THP_MEM_ALLOC_ENABLE={PART1_THP or 'unset'}, the policy per row); "
+          f"{args.repeats} round-robin repeats per policy, each policy in its own process")
     print_table([{"OpenMP wait policy": policy, "model": n, "median ms": f"{s['median']:.0f}", "IQR ms": f"{s['iqr']:.0f}",
                   "ddsm / fpn": f"{r['ratio']:.3f}" if n == "ddsm" else "",
                   "90% interval": _interval_text(r["ratio_interval_90"]) if n == "ddsm" else "",
