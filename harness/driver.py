@@ -171,6 +171,10 @@ class Launcher(Protocol):
     def stop(self, handle: Any) -> None:
         """Ask an attempt to stop after its current step and a checkpoint; it then sends its ``end`` event."""
 
+    def prepare(self, queued: int) -> None:
+        """``queued`` attempts wait behind those running: get workers ready for them while these run (a hint,
+        called every step; a launcher whose workers cost nothing to start ignores it)."""
+
     def lost(self) -> str | None:
         """Why the cluster is gone (head node, or the driver's connection), else None."""
 
@@ -231,6 +235,10 @@ class Policy:
     def next_job(self) -> Job | None:
         """The next attempt to launch now, or None (nothing now: the loop ends when nothing runs either)."""
         raise NotImplementedError
+
+    def queued(self) -> int:
+        """How many attempts wait behind those running (a hint for :meth:`Launcher.prepare`; 0: none known)."""
+        return 0
 
     def on_event(self, job: Job, event: Event, *, final: bool) -> bool:
         """Handle an event of a running attempt; return True to stop it now (pruning). ``final``: its
@@ -327,9 +335,10 @@ def drive(policy: Policy, launcher: Launcher, recorder: Recorder, console: Conso
     """Run the policy's jobs, at most ``limit`` at once, until it has none left; True when interrupted
     (``stop.reason`` says why).
 
-    First :meth:`Policy.start`; then, step by step: launch while there is room, wait (at most
-    :data:`POLL_S`) for attempts to end, deliver events (the policy may stop an attempt), record the
-    outcomes of those that ended, flush the recorder, check the store and the cluster, redraw. When
+    First :meth:`Policy.start`; then, step by step: launch while there is room (and tell the launcher
+    how many wait behind: :meth:`Launcher.prepare`), wait (at most :data:`POLL_S`) for attempts to end,
+    deliver events (the policy may stop an attempt), record the outcomes of those that ended, flush the
+    recorder, check the store and the cluster, redraw. When
     ``stop`` is raised, the interrupt path of the module docstring runs (``grace_s``: how long running
     attempts get to checkpoint).
 
@@ -351,6 +360,7 @@ def drive(policy: Policy, launcher: Launcher, recorder: Recorder, console: Conso
                     break
                 flight[job.key] = _Flight(launcher.submit(job.payload), job)
                 running[flight[job.key].handle] = job.key
+            launcher.prepare(policy.queued())
             _check(recorder, launcher, stop)
             if not flight or stop:
                 break

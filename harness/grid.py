@@ -203,6 +203,10 @@ class GridPolicy(Policy):
                                figures=self.spec.figures or None)
         return Job(payload=payload, owner=r)
 
+    def queued(self) -> int:
+        """The cells (and retries) not launched yet."""
+        return len(self.pending)
+
     def on_event(self, job: Job, event: Event, *, final: bool) -> bool:
         """Progress rows and MLflow; a grid never stops a cell early."""
         r: CellResult = job.owner

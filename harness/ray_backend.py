@@ -5,7 +5,8 @@
   :func:`check_resources` (exit 2 instead of waiting forever), :func:`default_concurrency`,
   :func:`check_shared_storage` (every node, by node id, must read the driver's out dir).
 - Tasks: one trial is a ``max_calls=1`` task (a fresh worker process, so GPU memory is released
-  when it exits) holding the trial's CPUs/GPUs; with ``num_workers > 1`` (or ``ddp: true``) it is a zero-CPU task that
+  when it exits) holding the trial's CPUs/GPUs, started on a process that imported torch and the engine
+  while the trial before it trained (:meth:`RayLauncher.prepare`); with ``num_workers > 1`` (or ``ddp: true``) it is a zero-CPU task that
   runs a Ray Train ``TorchTrainer`` of that many workers (DDP: gloo on CPU, NCCL on GPU). Every
   attempt records its :func:`placement` (node id, GPU ids/UUIDs, every DDP rank's).
 - :class:`RayLauncher`: the :class:`harness.driver.Launcher` on Ray: submit, wait, events (an
@@ -342,6 +343,27 @@ def _single_trial(payload: TrialPayload, queue: Any, threads: int, train_fn: Any
 _single_task = ray.remote(max_calls=1, max_retries=0)(_single_trial)  # a fresh worker: GPU memory is released
 _reused_task = ray.remote(max_retries=0)(_single_trial)  # trivial trials (tests, benchmarks): no process start
 
+# what a trial loads before its first step: torch, torchvision (and the torch._dynamo it imports), the engine,
+# the models and data, scipy for the boundary metrics (~5 s of every trial's start on 2 cores)
+TRIAL_IMPORTS = ("ddsm.engine", "ddsm.engine.train", "ddsm.models", "ddsm.data", "ddsm.metrics.boundary")
+
+
+def _warm_up() -> int:
+    """Load :data:`TRIAL_IMPORTS` in this worker process, then leave it idle for the next trial; return its pid.
+
+    No device is touched (CUDA is initialised by the trial that gets the process and its GPU), so the
+    process is still a fresh one for that trial: nothing trained in it, no GPU memory held.
+    """
+    import importlib
+
+    for name in TRIAL_IMPORTS:
+        importlib.import_module(name)
+    return os.getpid()
+
+
+# zero CPUs: it runs beside the trial that just started, on the node's idle cores, while that trial trains
+_warm_task = ray.remote(num_cpus=0, max_retries=0)(_warm_up)
+
 
 def _ddp_loop(config: dict) -> None:
     """Ray Train worker loop: torch.distributed is initialised; engine.train wraps DDP + SyncBN. Rank 0 records
@@ -564,6 +586,11 @@ class RayLauncher:
         watch: what tells that the cluster is gone (default: a :class:`ClusterWatch` on this cluster's GCS).
         """
         self.resources, self.train_fn, self.fresh_workers = resources, train_fn, fresh_workers
+        # a fresh-worker trial starts on a process warmed while the trial before it trained (see prepare)
+        self.prewarm = fresh_workers and not (resources.num_workers > 1 or resources.ddp)
+        self.warming: list[Any] = []  # ObjectRefs of the warm-up tasks submitted (each returns its pid)
+        self._queued = 0  # attempts waiting behind the running ones (prepare)
+        self._warm = 0  # warmed processes not yet taken by a trial, as far as the launcher can tell
         self.queue = EventQueue(ray.get_runtime_context().get_node_id())  # lives (and dies) with this node
         self.watch = watch if watch is not None else ClusterWatch(_gcs_address())
         self._lost: str | None = None
@@ -611,7 +638,35 @@ class RayLauncher:
         since = d.unavailable_since
         if since is not None and time.monotonic() - since >= self.watch.lost_after_s and d.error is not None:
             self._lose(d.error, what="the driver's event queue (on the driver's node) stopped answering")
-        return d.take()
+        got = d.take()
+        if self.prewarm:
+            self._warm_for([e for e in got if e.kind == "start"])
+        return got
+
+    def prepare(self, queued: int) -> None:
+        """Remember how many attempts wait: each trial that starts while some do gets a process warmed for the
+        next one (:func:`_warm_up`, on the started trial's node), so a fresh-worker trial skips the process
+        start and imports (~2-6 s per trial) that it would otherwise spend before its first step.
+
+        The warm-up is submitted only once a trial has *started*: that trial holds its process, so it cannot
+        take the warm one, and the next trial's lease finds the warmed process idle (Ray reuses the most
+        recently idle worker of the job). A guess that misses (the next trial goes to another node) leaves an
+        idle process that Ray ends when the node has more idle workers than CPUs.
+        """
+        self._queued = max(0, int(queued))
+
+    def _warm_for(self, started: list[Event]) -> None:
+        """Warm processes for the waiting attempts, up to one per started trial, on the started trials' nodes."""
+        if not started:
+            return
+        self._warm = max(0, self._warm - len(started))  # each started trial took a warmed process, if one was there
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        for event in started[:max(0, self._queued - self._warm)]:
+            node = event.info.get("node_id", "")
+            options = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)} if node else {}
+            self.warming.append(_warm_task.options(**options).remote())
+            self._warm += 1
 
     def caught_up(self, handle: Any) -> bool:
         """Whether the ended attempt's events have all been returned: its ``end`` event was read (a trial's puts

@@ -138,6 +138,10 @@ class StudyPolicy(Policy):
 
     # ------------------------------------------------------------------ the loop
 
+    def queued(self) -> int:
+        """The trials of the budget not asked for yet."""
+        return max(0, self.budget - self.finished - len(self.running))
+
     def next_job(self) -> Job | None:
         """Ask for trials until one resolves to a runnable config (or the budget is covered)."""
         while self.finished + len(self.running) < self.budget:

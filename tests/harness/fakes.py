@@ -61,6 +61,7 @@ class FakeLauncher:
         self.stopped: list[TrialPayload] = []
         self.lost_reason: str | None = None  # set to simulate a lost cluster
         self.closed = False
+        self.prepared: list[int] = []  # every prepare(queued) hint, in order
 
     def submit(self, payload: TrialPayload) -> int:
         self.hook("submit")
@@ -126,6 +127,9 @@ class FakeLauncher:
         self.queue += [Event(kind="checkpoint", step=0, **ev),
                        Event(kind="end", step=0, info={"status": "failed", "failure_class": "killed"}, **ev)]
         self.outcomes[handle] = TrialOutcome(status="failed", failure_class="killed", error="stopped")
+
+    def prepare(self, queued: int) -> None:
+        self.prepared.append(queued)
 
     def lost(self) -> str | None:
         self.hook("lost")

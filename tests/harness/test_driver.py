@@ -87,6 +87,16 @@ def test_grid_runs_every_cell_once_and_records_it(grid, tmp_path: Path):
         assert r.last_miou == r.metrics["miou"] and r.step == 4
 
 
+def test_the_launcher_is_told_how_many_attempts_wait_behind_the_running_ones(grid, tmp_path: Path):
+    """drive() passes Policy.queued() to Launcher.prepare every step: 4 cells, 1 at a time -> 3, 2, 1, 0 waiting
+    (each for as many steps as an attempt runs), never more than the cells not launched yet."""
+    launcher = FakeLauncher()
+    _, interrupted = _grid(grid, tmp_path, MemoryRecorder(), launcher, limit=1)
+    assert not interrupted
+    assert list(dict.fromkeys(launcher.prepared)) == [3, 2, 1, 0]
+    assert launcher.prepared == sorted(launcher.prepared, reverse=True)
+
+
 def test_events_that_come_after_their_attempt_ended_are_all_recorded(grid, tmp_path: Path):
     """The Ray launcher's event queue answers a step late: an attempt's last events (final eval, end) may come
     after its task returned. Every one must reach the run as without lag, and the freed slot is reused at
@@ -252,6 +262,7 @@ def test_study_prunes_at_the_first_validation_and_counts_verdicts(tiny_study, tm
     study, recorder, launcher = _new_study(spec), MemoryRecorder(), FakeLauncher(_by_lr)
     policy, interrupted = _study(spec, study, tmp_path, recorder, launcher, budget=6)
     assert not interrupted and policy.finished == 6
+    assert list(dict.fromkeys(launcher.prepared)) == [5, 4, 3, 2, 1, 0]  # the budget's trials not asked for yet
     states = {t.number: t.state for t in study.trials}
     pruned = [n for n, s in states.items() if s == TrialState.PRUNED]
     assert pruned and len(study.trials) == 6

@@ -166,3 +166,63 @@ def test_joining_with_a_token_at_hand_matches_the_clusters_auth_mode(cluster_mod
         done = subprocess.run([sys.executable, "-c", _JOIN, cluster.address], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=240)
     assert done.returncode == 0 and "events ['k']" in done.stdout, (done.stdout + done.stderr)[-3000:]
+
+
+def test_a_fresh_worker_trial_starts_on_the_process_warmed_while_the_trial_before_it_ran(ray_address: str,
+                                                                                          tmp_path: Path):
+    """prepare(queued): once a fresh-worker trial has started and attempts wait, a zero-CPU warm-up loads the
+    trial imports in another process; the next trial runs in that process (its pid), not in a cold one. With
+    nothing waiting, a start warms nothing."""
+    import json
+
+    import ray
+
+    from benchmarks.bench_scale import scale_spec, trivial_train
+    from ddsm.config import to_dict
+    from harness.cells import expand
+    from harness.driver import TrialPayload
+    from harness.ray_backend import ClusterWatch, RayLauncher
+    from harness.spec import Resources, parse_spec
+
+    payloads = [TrialPayload(key=c.hash, cell_hash=c.hash, name=c.name, config=to_dict(c.config),
+                             cell_dir=str(tmp_path / c.hash), attempt=1)
+                for c in expand(parse_spec(scale_spec(2, steps=10)))]
+    launcher = RayLauncher(Resources(), train_fn=trivial_train, watch=ClusterWatch(None))  # fresh workers
+
+    def started(key: str) -> None:
+        while not any(e.kind == "start" and e.key == key for e in _events_within(launcher, 60)):
+            pass
+
+    try:
+        assert launcher.prewarm
+        launcher.prepare(1)
+        first = launcher.submit(payloads[0])
+        started(payloads[0].key)
+        assert len(launcher.warming) == 1  # one warm-up for the one waiting attempt
+        warm_pid = ray.get(launcher.warming[0], timeout=120)
+        assert launcher.outcome(first, timeout=120).finished
+        launcher.prepare(0)
+        second = launcher.submit(payloads[1])
+        started(payloads[1].key)
+        assert launcher.outcome(second, timeout=120).finished
+        assert len(launcher.warming) == 1  # nothing waits: no second warm-up
+        pids = [json.loads((Path(p.cell_dir) / "trivial.json").read_text())["pid"] for p in payloads]
+        assert pids[1] == warm_pid != pids[0]
+    finally:
+        launcher.close()
+
+
+def test_the_warm_up_loads_the_trial_imports_and_touches_no_device():
+    """What a warmed process has when a trial gets it: the engine, models, data and metrics modules loaded,
+    CUDA neither initialised nor its device count cached (the trial's CUDA_VISIBLE_DEVICES decides)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from harness.ray_backend import TRIAL_IMPORTS, _warm_up\n"
+            "assert not any(m in sys.modules for m in ('torchvision', 'scipy'))\n"
+            "_warm_up()\n"
+            "assert all(m in sys.modules for m in (*TRIAL_IMPORTS, 'torchvision', 'scipy')), TRIAL_IMPORTS\n"
+            "assert not torch.cuda.is_initialized() and torch.cuda._cached_device_count is None\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
