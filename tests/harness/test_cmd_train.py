@@ -98,3 +98,19 @@ def test_rerunning_train_resumes_instead_of_restarting(trained_run: Path, capsys
     assert json.loads(out.out)["step"] == 3
     assert "step 1/3" not in out.err  # no update was repeated
     assert (trained_run / "checkpoints" / "last.pt").stat().st_mtime_ns == before
+
+
+def test_the_console_script_exits_with_mains_code_and_skips_the_final_collection(monkeypatch: pytest.MonkeyPatch):
+    """``ddsm-bench`` (harness.cli:entry) exits with main()'s code, after freezing the collector so that the
+    interpreter's last collections do not walk torch's objects at exit."""
+    import gc
+
+    from harness import cli
+
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cli.entry()
+        assert exit_.value.code == 3 and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()  # this test process goes on collecting
