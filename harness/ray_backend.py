@@ -5,10 +5,10 @@
   :func:`check_resources` (exit 2 instead of waiting forever), :func:`default_concurrency`,
   :func:`check_shared_storage` (every node, by node id, must read the driver's out dir).
 - Tasks: one trial is a ``max_calls=1`` task (a fresh worker process, so GPU memory is released
-  when it exits) holding the trial's CPUs/GPUs, started on a process that imported torch and the engine
-  while the trial before it trained (:meth:`RayLauncher.prepare`); with ``num_workers > 1`` (or ``ddp: true``) it is a zero-CPU task that
-  runs a Ray Train ``TorchTrainer`` of that many workers (DDP: gloo on CPU, NCCL on GPU). Every
-  attempt records its :func:`placement` (node id, GPU ids/UUIDs, every DDP rank's).
+  when it exits) holding the trial's CPUs/GPUs, started on a process that imported torch and the
+  engine while the trial before it trained (:meth:`RayLauncher.prepare`); with ``num_workers > 1``
+  (or ``ddp: true``) it is a zero-CPU task that runs a Ray Train ``TorchTrainer`` of that many workers
+  (DDP: gloo on CPU, NCCL on GPU). Every attempt records its :func:`placement` (node id, GPU ids/UUIDs, every DDP rank's).
 - :class:`RayLauncher`: the :class:`harness.driver.Launcher` on Ray: submit, wait, events (an
   :class:`EventQueue`, pinned to the driver's node, that the workers' engine callbacks put on), outcome (Ray errors
   mapped to failure classes: a dead node is ``node_lost``), stop (``ray.cancel(force=False)``: the
