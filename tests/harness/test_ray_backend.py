@@ -214,15 +214,20 @@ def test_a_fresh_worker_trial_starts_on_the_process_warmed_while_the_trial_befor
 
 def test_the_warm_up_loads_the_trial_imports_and_touches_no_device():
     """What a warmed process has when a trial gets it: the engine, models, data and metrics modules loaded,
-    CUDA neither initialised nor its device count cached (the trial's CUDA_VISIBLE_DEVICES decides)."""
+    CUDA neither initialised nor asked for its devices (the trial's CUDA_VISIBLE_DEVICES decides)."""
     import subprocess
     import sys
 
     code = ("import sys, torch\n"
+            "asked = []\n"  # a device query latches CUDA_VISIBLE_DEVICES for the process: the trial's must count
+            "for owner, name in ((torch._C, '_cuda_getDeviceCount'), (torch.cuda, 'is_available'),\n"
+            "                    (torch.cuda, 'device_count')):\n"
+            "    setattr(owner, name, lambda *a, _n=name, _f=getattr(owner, name), **k: asked.append(_n) or _f(*a, **k))\n"
             "from harness.ray_backend import TRIAL_IMPORTS, _warm_up\n"
             "assert not any(m in sys.modules for m in ('torchvision', 'scipy'))\n"
             "_warm_up()\n"
             "assert all(m in sys.modules for m in (*TRIAL_IMPORTS, 'torchvision', 'scipy')), TRIAL_IMPORTS\n"
-            "assert not torch.cuda.is_initialized() and torch.cuda._cached_device_count is None\n")
+            "assert not torch.cuda.is_initialized() and torch.cuda._cached_device_count is None\n"
+            "assert not asked, asked\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
