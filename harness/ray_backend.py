@@ -345,7 +345,7 @@ _reused_task = ray.remote(max_retries=0)(_single_trial)  # trivial trials (tests
 
 # what a trial loads before its first step: torch, torchvision (and the torch._dynamo it imports), the engine,
 # the models and data, scipy for the boundary metrics (~5 s of every trial's start on 2 cores)
-TRIAL_IMPORTS = ("ddsm.engine", "ddsm.engine.train", "ddsm.models", "ddsm.data", "ddsm.metrics.boundary")
+TRIAL_IMPORTS = ("ddsm.engine", "ddsm.models", "ddsm.data", "ddsm.metrics.boundary")
 
 
 def _warm_up() -> int:
@@ -587,7 +587,7 @@ class RayLauncher:
         """
         self.resources, self.train_fn, self.fresh_workers = resources, train_fn, fresh_workers
         # a fresh-worker trial starts on a process warmed while the trial before it trained (see prepare)
-        self.prewarm = fresh_workers and not (resources.num_workers > 1 or resources.ddp)
+        self.prewarm = fresh_workers and not resources.distributed
         self.warming: list[Any] = []  # ObjectRefs of the warm-up tasks submitted (each returns its pid)
         self._queued = 0  # attempts waiting behind the running ones (prepare)
         self._warm = 0  # warmed processes not yet taken by a trial, as far as the launcher can tell
@@ -601,7 +601,7 @@ class RayLauncher:
     def submit(self, payload: TrialPayload) -> Any:
         """Start one attempt: a trial task, or a DDP launcher task; return its ObjectRef."""
         res = self.resources
-        if res.num_workers > 1 or res.ddp:
+        if res.distributed:
             handle = _ddp_task.remote(payload, self.queue, res, self.train_fn)
         else:
             task = _single_task if self.fresh_workers else _reused_task

@@ -75,6 +75,11 @@ class Resources:
     num_workers: int = 1  # > 1: DDP via Ray Train's TorchTrainer (SyncBN, per-rank data shards)
     ddp: bool = False  # True: Ray Train DDP even with one worker (e.g. to check NCCL + SyncBN on one GPU)
 
+    @property
+    def distributed(self) -> bool:
+        """Whether a trial runs as DDP on Ray Train (``num_workers > 1`` or ``ddp``)."""
+        return self.num_workers > 1 or self.ddp
+
 
 @dataclass(frozen=True)
 class Mode:
