@@ -190,8 +190,12 @@ def test_a_fresh_worker_trial_starts_on_the_process_warmed_while_the_trial_befor
     launcher = RayLauncher(Resources(), train_fn=trivial_train, watch=ClusterWatch(None))  # fresh workers
 
     def started(key: str) -> None:
-        while not any(e.kind == "start" and e.key == key for e in _events_within(launcher, 60)):
-            pass
+        """Read events until ``key``'s start event (or fail after 120 s: events() never waits)."""
+        import time
+
+        deadline = time.monotonic() + 120
+        while not any(e.kind == "start" and e.key == key for e in _events_within(launcher, 5)):
+            assert time.monotonic() < deadline, f"no start event of {key} within 120 s"
 
     try:
         assert launcher.prewarm
