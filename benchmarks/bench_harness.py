@@ -5,7 +5,8 @@ Both sides are subprocesses started the way a user would start them, and both do
 - the grid: a spec written to a temp folder (the quickstart base: ResNet-18 fpn and ddsm (dual,
   N=9) x seeds 0, 1 on 64x64 synthetic scenes, ``--steps`` steps each, ``resources.cpus`` CPUs per
   trial), run as ``ddsm-bench run SPEC --out DIR --max-concurrent 1``: Ray start, one fresh worker
-  per trial (each but the first warmed while the trial before it trained), MLflow logging, the live progress, the end-of-grid comparison and report are included;
+  per trial (each but the first warmed while the trial before it trained), MLflow logging, the live
+  progress, the end-of-grid comparison and report are included;
 - back to back: each cell's resolved config (``harness.cells.expand`` -> ``ddsm.config.save_config``)
   run as ``ddsm-bench train CELL.yaml --out DIR``, one after the other.
 

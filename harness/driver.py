@@ -338,9 +338,8 @@ def drive(policy: Policy, launcher: Launcher, recorder: Recorder, console: Conso
     First :meth:`Policy.start`; then, step by step: launch while there is room (and tell the launcher
     how many wait behind: :meth:`Launcher.prepare`), wait (at most :data:`POLL_S`) for attempts to end,
     deliver events (the policy may stop an attempt), record the outcomes of those that ended, flush the
-    recorder, check the store and the cluster, redraw. When
-    ``stop`` is raised, the interrupt path of the module docstring runs (``grace_s``: how long running
-    attempts get to checkpoint).
+    recorder, check the store and the cluster, redraw. When ``stop`` is raised, the interrupt path of
+    the module docstring runs (``grace_s``: how long running attempts get to checkpoint).
 
     Events come without waiting (a queue round trip per step was most of the loop's time), so an attempt's
     last events may arrive a step after its task ended: an ended attempt *settles* (its slot is free for the
